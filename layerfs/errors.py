@@ -1,0 +1,74 @@
+"""One exception hierarchy for layerfs.
+
+Every error says what went wrong and, where it applies, which layer and which file or path.
+The CLI prints ``layerfs: <message>`` on one line and exits 1 for any :class:`LayerfsError`.
+"""
+
+from __future__ import annotations
+
+
+class LayerfsError(Exception):
+    """Base of every error layerfs raises on purpose."""
+
+
+class LayerUnknownError(LayerfsError):
+    """No layer matches the given id, name or id prefix (containers/storage ErrLayerUnknown)."""
+
+    def __init__(self, ref: str, detail: str = "") -> None:
+        self.ref = ref
+        msg = f'layer "{ref}" not known'
+        if detail:
+            msg += f": {detail}"
+        super().__init__(msg)
+
+
+class AmbiguousLayerError(LayerUnknownError):
+    """An id prefix matches more than one layer."""
+
+    def __init__(self, ref: str, candidates: list[str]) -> None:
+        self.candidates = candidates
+        super().__init__(ref, "ambiguous id prefix, candidates: " + ", ".join(sorted(candidates)))
+
+
+class DuplicateIDError(LayerfsError):
+    """The id given for a new layer is in use (ErrDuplicateID)."""
+
+
+class NameInUseError(LayerfsError):
+    """A name given for a new layer is in use (ErrDuplicateName)."""
+
+
+class LayerHasChildrenError(LayerfsError):
+    """The layer cannot be deleted: other layers name it as parent (ErrLayerHasChildren)."""
+
+
+class LayerMountedError(LayerfsError):
+    """The layer cannot be deleted or changed while it is mounted."""
+
+
+class LayerUsedByImageError(LayerfsError):
+    """The layer is the top layer of an image (ErrLayerUsedByImage)."""
+
+
+class CorruptStoreError(LayerfsError):
+    """A store file cannot be parsed or violates an invariant; nothing was rewritten."""
+
+
+class StoreReadOnlyError(LayerfsError):
+    """A write was attempted on a store opened read-only."""
+
+
+class InvalidArgumentError(LayerfsError):
+    """A caller-supplied value (id, name, key, digest) is malformed."""
+
+
+class BigDataUnknownError(LayerfsError):
+    """A big-data key is not stored for the layer."""
+
+
+class ArchiveError(LayerfsError):
+    """A layer tar stream is malformed or hostile; the message names the entry."""
+
+
+class MountError(LayerfsError):
+    """Mounting or unmounting a union view failed."""
