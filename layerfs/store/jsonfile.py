@@ -1,0 +1,88 @@
+"""Atomic file replacement and strict reads for the store's JSON and data files.
+
+A write goes to a temporary file ``.tmp-<base><digits>`` in the target's directory, is
+synced, made 0600 and renamed over the target, so a reader (or a crash) sees either the old
+or the new file, never a mix. With ``durable=True`` the directory is synced too, so the
+rename itself survives a power cut (containers/storage skips this; we do it for the stable
+file). On any failure — a full disk included — the temporary file is removed, the target is
+untouched and the error names the target file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+
+from layerfs.errors import LayerfsError
+
+
+class StoreWriteError(LayerfsError):
+    """Writing a store file failed; the previous version of the file is intact."""
+
+    def __init__(self, path: str, exc: OSError) -> None:
+        self.errno = exc.errno
+        name = errno.errorcode.get(exc.errno or 0, "error")
+        super().__init__(f"saving {path}: {exc.strerror} ({name}); the previous file is intact")
+
+
+def atomic_write(path: str, data: bytes, *, durable: bool = True, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` atomically.
+
+    ``durable`` syncs the data before the rename and the directory after it; without it
+    nothing is synced (volatile files). The caller holds the lock that protects ``path``.
+    """
+    directory, base = os.path.split(path)
+    tmp = os.path.join(directory, f".tmp-{base}{secrets.randbelow(10**9)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fdatasync(fd)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StoreWriteError(path, exc) from exc
+    if durable:
+        fsync_dir(directory)
+
+
+def fsync_dir(directory: str) -> None:
+    """Sync a directory so renames and creations in it are durable."""
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_optional(path: str) -> bytes:
+    """The file's bytes, or ``b""`` when it does not exist; other errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+    except OSError as exc:
+        raise LayerfsError(f"reading {path}: {exc.strerror}") from exc
+
+
+def mtime_ns(path: str) -> int:
+    """The file's mtime in nanoseconds, or 0 when it does not exist."""
+    try:
+        return os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,782 @@
+"""The layer store: records, names, metadata, big data, create and delete.
+
+Files (graph root ``G``, run root ``R``), as containers/storage's overlay driver keeps them:
+``G/overlay-layers/{layers.json,volatile-layers.json,layers.lock,<id>.tar-split.gz,<id>/}``,
+``G/overlay/<id>/…`` (see :mod:`layerfs.store.overlay`) and ``R/overlay-layers/mountpoints.*``.
+
+Locking. ``layers.lock`` protects both layer JSON files, tar-splits and big data. Every
+public method of :class:`Store` takes it itself — shared for queries, exclusive for
+changes — and first reloads the JSON when another process wrote since we last looked (new
+LastWrite token, or a JSON file's mtime differs from the one we saw). Private methods say
+which lock their caller must hold. ``mountpoints.lock`` is taken inside ``layers.lock``.
+Within one process a re-entrant mutex serialises threads sharing a :class:`Store`.
+
+Crash safety. ``create`` saves the record flagged ``incomplete`` before making any
+directory and clears the flag when done; ``delete`` sets the flag before removing anything.
+The next read-write load deletes flagged layers, so a killed process never leaves a layer
+that looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from layerfs.errors import (
+    AmbiguousLayerError,
+    BigDataUnknownError,
+    CorruptStoreError,
+    DuplicateIDError,
+    InvalidArgumentError,
+    LayerfsError,
+    LayerHasChildrenError,
+    LayerMountedError,
+    LayerUnknownError,
+    LayerUsedByImageError,
+    NameInUseError,
+    StoreReadOnlyError,
+)
+from layerfs.store import bigdata
+from layerfs.store.images import ImageRecords
+from layerfs.store.jsonfile import atomic_write, mtime_ns, read_optional
+from layerfs.store.lockfile import HeldLock, LastWrite, LockFile
+from layerfs.store.mounts import MountTable
+from layerfs.store.overlay import DRIVER, OverlayLayout, remove_tree
+from layerfs.store.record import (
+    INCOMPLETE_FLAG,
+    Layer,
+    decode_layers,
+    encode_layers,
+    format_created,
+    new_layer_id,
+)
+
+log = logging.getLogger(__name__)
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+
+
+def default_root() -> str:
+    """``$LAYERFS_ROOT``, else ``/var/lib/layerfs`` for root, else ``$XDG_DATA_HOME/layerfs``."""
+    env = os.environ.get("LAYERFS_ROOT")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/layerfs"
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(data_home, "layerfs")
+
+
+def default_runroot() -> str:
+    """``$LAYERFS_RUNROOT``, else ``/run/layerfs`` for root, else ``$XDG_RUNTIME_DIR/layerfs``."""
+    env = os.environ.get("LAYERFS_RUNROOT")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/run/layerfs"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/layerfs-run-{os.geteuid()}"
+    return os.path.join(runtime, "layerfs")
+
+
+@dataclass(frozen=True)
+class StoreFiles:
+    """Where one store keeps its layer metadata."""
+
+    root: str
+    runroot: str
+
+    @property
+    def layers_dir(self) -> str:
+        """``G/overlay-layers``."""
+        return os.path.join(self.root, f"{DRIVER}-layers")
+
+    @property
+    def stable(self) -> str:
+        """``layers.json``: synced on every write."""
+        return os.path.join(self.layers_dir, "layers.json")
+
+    @property
+    def volatile(self) -> str:
+        """``volatile-layers.json``: never synced (layers that need not survive a crash)."""
+        return os.path.join(self.layers_dir, "volatile-layers.json")
+
+    @property
+    def lock(self) -> str:
+        """``layers.lock``."""
+        return os.path.join(self.layers_dir, "layers.lock")
+
+    @property
+    def runroot_layers_dir(self) -> str:
+        """``R/overlay-layers``: mountpoints.json and its lock."""
+        return os.path.join(self.runroot, f"{DRIVER}-layers")
+
+    def tar_split(self, layer_id: str) -> str:
+        """``G/overlay-layers/<id>.tar-split.gz``."""
+        return os.path.join(self.layers_dir, f"{layer_id}.tar-split.gz")
+
+
+class Store:
+    """A containers/storage-compatible layer store (overlay driver layout).
+
+    Thread-safe; shared safely with other layerfs and Go processes through the lock files.
+    """
+
+    def __init__(
+        self, root: str | None = None, runroot: str | None = None, *, read_only: bool = False
+    ) -> None:
+        self.files = StoreFiles(
+            os.path.abspath(root or default_root()), os.path.abspath(runroot or default_runroot())
+        )
+        self.read_only = read_only
+        self.driver = OverlayLayout(self.files.root)
+        self.mount_table = MountTable(self.files.runroot_layers_dir, read_only=read_only)
+        self.images = ImageRecords(self.files.root, read_only=read_only)
+        self._mutex = threading.RLock()
+        self._layers: list[Layer] = []
+        self._volatile: set[str] = set()
+        self._by_id: dict[str, Layer] = {}
+        self._by_name: dict[str, Layer] = {}
+        self._token: LastWrite | None = None
+        self._mtimes: tuple[int, int] = (0, 0)
+        self._needs_repair = False
+        if not read_only:
+            self._ensure_dirs()
+        elif not os.path.isdir(self.files.layers_dir):
+            raise LayerfsError(f"{self.files.layers_dir}: no layer store here")
+        self.lock = LockFile(self.files.lock, read_only=read_only)
+
+    @property
+    def root(self) -> str:
+        """The graph root."""
+        return self.files.root
+
+    @property
+    def runroot(self) -> str:
+        """The run root."""
+        return self.files.runroot
+
+    def _ensure_dirs(self) -> None:
+        try:
+            os.makedirs(self.files.root, mode=0o700, exist_ok=True)
+            os.makedirs(self.files.layers_dir, mode=0o700, exist_ok=True)
+            self.driver.ensure_home()
+            self.mount_table.ensure_dir()
+        except OSError as exc:
+            raise LayerfsError(
+                f"cannot create the store under {self.files.root}: {exc.strerror}"
+            ) from exc
+
+    # ----------------------------------------------------------------- loading
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Hold the shared lock with fresh records; repairs first if the load asks for it."""
+        with self._mutex:
+            while True:
+                with self.lock.read() as held:
+                    self._reload_if_changed(held)
+                    if not (self._needs_repair and not self.read_only):
+                        yield
+                        return
+                with self.lock.write() as held:
+                    self._reload_if_changed(held)
+                    self._repair(held)
+
+    @contextmanager
+    def _writing(self) -> Iterator[HeldLock]:
+        """Hold the exclusive lock with fresh, repaired records."""
+        if self.read_only:
+            raise StoreReadOnlyError(f"{self.root}: the store is open read-only")
+        with self._mutex, self.lock.write() as held:
+            self._reload_if_changed(held)
+            self._repair(held)
+            yield held
+
+    def _reload_if_changed(self, held: HeldLock) -> None:
+        """Reload when the token or a JSON mtime moved. Caller holds ``layers.lock``."""
+        token = held.last_write()
+        mtimes = (mtime_ns(self.files.stable), mtime_ns(self.files.volatile))
+        if self._token is not None and token == self._token and mtimes == self._mtimes:
+            return
+        self._load()
+        self._token = token
+        self._mtimes = mtimes
+
+    def _load(self) -> None:
+        """Read both JSON files strictly and rebuild the indexes. Caller holds ``layers.lock``.
+
+        A file that cannot be parsed raises :class:`CorruptStoreError` and leaves the
+        in-memory state as it was: it is never treated as an empty store.
+        """
+        stable = decode_layers(read_optional(self.files.stable), self.files.stable)
+        volatile = decode_layers(read_optional(self.files.volatile), self.files.volatile)
+        layers: list[Layer] = []
+        by_id: dict[str, Layer] = {}
+        volatile_ids: set[str] = set()
+        repair = False
+        for source, records in ((self.files.stable, stable), (self.files.volatile, volatile)):
+            for layer in records:
+                first = by_id.get(layer.id)
+                if first is not None:
+                    # The first record of an id wins (containers/storage HEAD skips later
+                    # ones); its names are kept so nothing a user named disappears.
+                    log.warning('%s: duplicate record for layer "%s" dropped', source, layer.id)
+                    first.names.extend(n for n in layer.names if n not in first.names)
+                    repair = True
+                    continue
+                by_id[layer.id] = layer
+                layers.append(layer)
+                if source == self.files.volatile:
+                    volatile_ids.add(layer.id)
+        by_name: dict[str, Layer] = {}
+        for layer in layers:
+            deduped = list(dict.fromkeys(layer.names))
+            if deduped != layer.names:
+                layer.names = deduped
+                repair = True
+            for name in layer.names:
+                previous = by_name.get(name)
+                if previous is not None and previous is not layer:
+                    if self.read_only:
+                        raise CorruptStoreError(
+                            f'{self.files.stable}: name "{name}" is used by layers '
+                            f'"{previous.id}" and "{layer.id}" (duplicate layer names)'
+                        )
+                    previous.names.remove(name)
+                    repair = True
+                by_name[name] = layer
+            if layer.incomplete:
+                repair = True
+        self._layers = layers
+        self._by_id = by_id
+        self._by_name = by_name
+        self._volatile = volatile_ids
+        self._needs_repair = repair
+
+    def _repair(self, held: HeldLock) -> None:
+        """Delete incomplete layers and save fixed names. Caller holds the write lock."""
+        if not self._needs_repair:
+            return
+        for layer in [la for la in self._layers if la.incomplete]:
+            log.warning('Found incomplete layer "%s", deleting it', layer.id)
+            self._remove_layer_data(layer.id)
+            self._forget(layer)
+        self._save(held)
+        self._needs_repair = False
+
+    def _save(self, held: HeldLock, *, stable: bool = True, volatile: bool = True) -> None:
+        """Write the JSON files and a new token. Caller holds the write lock.
+
+        The token is written first (as containers/storage HEAD does), so a crash between the
+        two writes still makes every other process reload.
+        """
+        self._token = held.record_write()
+        if stable:
+            records = [la for la in self._layers if la.id not in self._volatile]
+            atomic_write(self.files.stable, encode_layers(records), durable=True)
+        if volatile:
+            records = [la for la in self._layers if la.id in self._volatile]
+            if records or os.path.exists(self.files.volatile):
+                atomic_write(self.files.volatile, encode_layers(records), durable=False)
+        self._mtimes = (mtime_ns(self.files.stable), mtime_ns(self.files.volatile))
+
+    def _save_for(self, held: HeldLock, layer: Layer) -> None:
+        """Save only the file that holds ``layer``. Caller holds the write lock."""
+        is_volatile = layer.id in self._volatile
+        self._save(held, stable=not is_volatile, volatile=is_volatile)
+
+    def _forget(self, layer: Layer) -> None:
+        """Drop a record from memory (not from disk). Caller holds the write lock."""
+        self._layers = [la for la in self._layers if la.id != layer.id]
+        self._by_id.pop(layer.id, None)
+        for name in layer.names:
+            if self._by_name.get(name) is layer:
+                del self._by_name[name]
+        self._volatile.discard(layer.id)
+
+    def _remove_layer_data(self, layer_id: str) -> None:
+        """Remove driver dirs, tar-split and big data of a layer. Caller holds the write lock."""
+        self.driver.remove(layer_id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.files.tar_split(layer_id))
+        remove_tree(bigdata.big_data_dir(self.files.layers_dir, layer_id))
+
+    # ----------------------------------------------------------------- lookup
+
+    def _resolve(self, ref: str) -> Layer:
+        """Exact id, then exact name, then a unique id prefix. Caller holds ``layers.lock``."""
+        if not ref:
+            raise LayerUnknownError(ref)
+        layer = self._by_id.get(ref) or self._by_name.get(ref)
+        if layer is not None:
+            return layer
+        matches = [la for la in self._layers if la.id.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise AmbiguousLayerError(ref, [la.id for la in matches])
+        raise LayerUnknownError(ref)
+
+    def get(self, ref: str) -> Layer:
+        """The record for an id, name or unique id prefix (a copy; edits do not persist)."""
+        with self._reading():
+            return _copy(self._resolve(ref))
+
+    def exists(self, ref: str) -> bool:
+        """Whether ``ref`` names a layer (an ambiguous prefix does not)."""
+        with self._reading():
+            try:
+                self._resolve(ref)
+            except LayerUnknownError:
+                return False
+            return True
+
+    def layers(self) -> list[Layer]:
+        """All records in load order (stable file first, then volatile)."""
+        with self._reading():
+            return [_copy(la) for la in self._layers]
+
+    def is_volatile(self, ref: str) -> bool:
+        """Whether the layer is kept in volatile-layers.json."""
+        with self._reading():
+            return self._resolve(ref).id in self._volatile
+
+    def chain(self, ref: str) -> list[Layer]:
+        """The layer and its ancestors, nearest first.
+
+        A missing parent or a cycle raises :class:`CorruptStoreError` showing the chain.
+        """
+        with self._reading():
+            return [_copy(la) for la in self._chain_unlocked(self._resolve(ref))]
+
+    def _chain_unlocked(self, layer: Layer) -> list[Layer]:
+        chain = [layer]
+        seen = {layer.id}
+        while chain[-1].parent:
+            parent = self._by_id.get(chain[-1].parent)
+            shown = " -> ".join(la.id[:12] for la in chain)
+            if parent is None:
+                raise CorruptStoreError(
+                    f'layer "{chain[-1].id}" names parent "{chain[-1].parent}", which is not '
+                    f"in the store (chain: {shown})"
+                )
+            if parent.id in seen:
+                raise CorruptStoreError(f"parent cycle: {shown} -> {parent.id[:12]}")
+            seen.add(parent.id)
+            chain.append(parent)
+        return chain
+
+    def layers_by_digest(self, kind: str, digest: str) -> list[Layer]:
+        """Layers whose ``compressed``, ``uncompressed`` or ``toc`` digest equals ``digest``."""
+        if not _DIGEST_RE.match(digest):
+            raise InvalidArgumentError(f'"{digest}" is not a valid digest')
+        attr = {
+            "compressed": "compressed_diff_digest",
+            "uncompressed": "diff_digest",
+            "toc": "toc_digest",
+        }.get(kind)
+        if attr is None:
+            raise InvalidArgumentError(f"unknown digest kind {kind!r}")
+        with self._reading():
+            found = [_copy(la) for la in self._layers if getattr(la, attr) == digest]
+        if not found:
+            raise LayerUnknownError(digest, f"no layer with {kind} digest")
+        return found
+
+    def size(self, ref: str) -> int:
+        """The uncompressed size, or -1 when unknown."""
+        return self.get(ref).size()
+
+    # ----------------------------------------------------------------- create
+
+    def create_layer(
+        self,
+        layer_id: str | None = None,
+        *,
+        names: Iterable[str] = (),
+        parent: str | None = None,
+        volatile: bool = False,
+        writeable: bool = False,
+        metadata: str = "",
+        populate: Callable[[Layer, list[str]], dict[str, Any] | None] | None = None,
+    ) -> Layer:
+        """Create a layer (and fill it through ``populate``), crash-safely.
+
+        ``populate(layer, lower_diff_dirs)`` runs with the record saved as incomplete and the
+        directories made; it may return record fields to set (digests, sizes, uid/gid sets).
+        If it raises, the layer is removed again and the error propagates. ``writeable`` is
+        recorded for later use by the writable view; the overlay layout is the same.
+        """
+        wanted = list(dict.fromkeys(names))
+        for name in wanted:
+            if not name:
+                raise InvalidArgumentError("a layer name must not be empty")
+        if layer_id is not None and not _ID_RE.match(layer_id):
+            raise InvalidArgumentError(
+                f'"{layer_id}" is not a valid layer id (letters, digits, "_", "." and "-")'
+            )
+        del writeable  # same on-disk layout; the writable view uses work/ when it lands
+        with self._writing() as held:
+            if layer_id is None:
+                layer_id = new_layer_id()
+                while layer_id in self._by_id:
+                    layer_id = new_layer_id()
+            elif layer_id in self._by_id:
+                raise DuplicateIDError(f'layer id "{layer_id}" is already in use')
+            for name in wanted:
+                if name in self._by_name:
+                    raise NameInUseError(
+                        f'name "{name}" is already in use by layer "{self._by_name[name].id}"'
+                    )
+            parent_layer = self._resolve(parent) if parent else None
+            lower_dirs: list[str] = []
+            if parent_layer is not None:
+                lower_dirs = [
+                    self.driver.diff_dir(la.id) for la in self._chain_unlocked(parent_layer)
+                ]
+            layer = Layer(
+                id=layer_id,
+                names=wanted,
+                parent=parent_layer.id if parent_layer else "",
+                metadata=metadata,
+                created=format_created(time.time_ns()),
+                flags={INCOMPLETE_FLAG: True},
+            )
+            self._layers.append(layer)
+            self._by_id[layer.id] = layer
+            for name in wanted:
+                self._by_name[name] = layer
+            if volatile:
+                self._volatile.add(layer.id)
+            self._save_for(held, layer)
+            try:
+                self.driver.create(layer.id, layer.parent)
+                if populate is not None:
+                    updates = populate(_copy(layer), lower_dirs)
+                    for key, value in (updates or {}).items():
+                        setattr(layer, key, value)
+                del layer.flags[INCOMPLETE_FLAG]
+                self._save_for(held, layer)
+            except BaseException:
+                self._abort_create(held, layer)
+                raise
+            return _copy(layer)
+
+    def _abort_create(self, held: HeldLock, layer: Layer) -> None:
+        """Undo a failed create. Caller holds the write lock; errors here are only logged."""
+        try:
+            self._remove_layer_data(layer.id)
+            self._forget(layer)
+            self._save_for(held, layer)
+        except Exception:  # the record stays incomplete; the next load removes it
+            log.exception('could not clean up layer "%s" after a failed create', layer.id)
+
+    def update_layer(
+        self, ref: str, apply: Callable[[Layer, list[str]], dict[str, Any] | None]
+    ) -> Layer:
+        """Change a layer's contents (``applydiff``) with the incomplete-flag discipline.
+
+        The record is flagged incomplete while ``apply(layer, lower_diff_dirs)`` runs; on
+        success its returned fields are set and the flag cleared. On failure the flag stays
+        set and the layer is removed by the next load, because its contents are then
+        unknown: the error says so.
+        """
+        with self._writing() as held:
+            layer = self._resolve(ref)
+            self._refuse_if_mounted(layer)
+            lower_dirs = [self.driver.diff_dir(la.id) for la in self._chain_unlocked(layer)[1:]]
+            layer.flags[INCOMPLETE_FLAG] = True
+            self._save_for(held, layer)
+            try:
+                updates = apply(_copy(layer), lower_dirs)
+            except BaseException as exc:
+                if isinstance(exc, LayerfsError):
+                    raise LayerfsError(
+                        f'{exc}; layer "{layer.id}" was left incomplete and will be removed'
+                    ) from exc
+                raise
+            for key, value in (updates or {}).items():
+                setattr(layer, key, value)
+            del layer.flags[INCOMPLETE_FLAG]
+            self._save_for(held, layer)
+            return _copy(layer)
+
+    # ----------------------------------------------------------------- names, metadata, flags
+
+    def set_names(self, ref: str, names: Iterable[str]) -> Layer:
+        """Replace the layer's names; a name held by another layer moves to this one."""
+        return self._change_names(ref, list(names), replace=True)
+
+    def add_names(self, ref: str, names: Iterable[str]) -> Layer:
+        """Add names; a name held by another layer moves to this one (as in Go)."""
+        return self._change_names(ref, list(names), replace=False)
+
+    def remove_names(self, ref: str, names: Iterable[str]) -> Layer:
+        """Remove names from the layer; names it does not have are ignored."""
+        drop = set(names)
+        with self._writing() as held:
+            layer = self._resolve(ref)
+            layer.names = [n for n in layer.names if n not in drop]
+            for name in drop:
+                if self._by_name.get(name) is layer:
+                    del self._by_name[name]
+            self._save(held)
+            return _copy(layer)
+
+    def _change_names(self, ref: str, names: list[str], *, replace: bool) -> Layer:
+        for name in names:
+            if not name:
+                raise InvalidArgumentError("a layer name must not be empty")
+        with self._writing() as held:
+            layer = self._resolve(ref)
+            wanted = list(dict.fromkeys(names if replace else layer.names + names))
+            for name in layer.names:
+                if name not in wanted:
+                    del self._by_name[name]
+            for name in wanted:
+                owner = self._by_name.get(name)
+                if owner is not None and owner is not layer:
+                    owner.names.remove(name)
+                self._by_name[name] = layer
+            layer.names = wanted
+            self._save(held)
+            return _copy(layer)
+
+    def set_metadata(self, ref: str, metadata: str) -> Layer:
+        """Replace the free-text metadata."""
+        with self._writing() as held:
+            layer = self._resolve(ref)
+            layer.metadata = metadata
+            self._save_for(held, layer)
+            return _copy(layer)
+
+    def set_flag(self, ref: str, flag: str, value: Any) -> Layer:
+        """Set one flag (any JSON value). ``incomplete`` is reserved for the store."""
+        if flag == INCOMPLETE_FLAG:
+            raise InvalidArgumentError(f'the flag "{INCOMPLETE_FLAG}" is reserved for the store')
+        with self._writing() as held:
+            layer = self._resolve(ref)
+            layer.flags[flag] = value
+            self._save_for(held, layer)
+            return _copy(layer)
+
+    def clear_flag(self, ref: str, flag: str) -> Layer:
+        """Remove one flag; a flag that is not set is ignored."""
+        with self._writing() as held:
+            layer = self._resolve(ref)
+            if flag in layer.flags and flag != INCOMPLETE_FLAG:
+                del layer.flags[flag]
+                self._save_for(held, layer)
+            return _copy(layer)
+
+    # ----------------------------------------------------------------- big data
+
+    def big_data_names(self, ref: str) -> list[str]:
+        """Keys of the layer's big-data items, in the order they were first written."""
+        return list(self.get(ref).big_data_names)
+
+    def get_big_data(self, ref: str, key: str) -> bytes:
+        """The bytes stored under ``key``."""
+        with self._reading():
+            layer = self._resolve(ref)
+            path = bigdata.big_data_path(self.files.layers_dir, layer.id, key)
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except FileNotFoundError as exc:
+                raise BigDataUnknownError(
+                    f'layer "{layer.id}" has no big-data item "{key}" ({path}: file does not exist)'
+                ) from exc
+
+    def set_big_data(self, ref: str, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key`` atomically; a new key is appended to big-data-names."""
+        with self._writing() as held:
+            layer = self._resolve(ref)
+            path = bigdata.big_data_path(self.files.layers_dir, layer.id, key)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            atomic_write(path, data, durable=layer.id not in self._volatile)
+            if key not in layer.big_data_names:
+                layer.big_data_names.append(key)
+                self._save_for(held, layer)
+
+    # ----------------------------------------------------------------- mounts (counts only)
+
+    def mount_count(self, ref: str) -> int:
+        """How many users hold the layer's view, as recorded in mountpoints.json."""
+        with self._reading():
+            layer_id = self._resolve(ref).id
+        record = self.mount_table.snapshot().get(layer_id)
+        return record.count if record else 0
+
+    def _refuse_if_mounted(self, layer: Layer) -> None:
+        """Raise when the layer's view is live. Caller holds ``layers.lock``.
+
+        A count whose path is no longer a mount point (a reboot or a manual umount) is
+        stale; it is dropped rather than trusted.
+        """
+        with self.mount_table.update() as table:
+            record = table.get(layer.id)
+            if record is None or record.count <= 0:
+                return
+            if record.path and _is_mount_point(record.path):
+                raise LayerMountedError(
+                    f'layer "{layer.id}" is mounted at {record.path} '
+                    f"(count {record.count}); unmount it first"
+                )
+            del table[layer.id]
+
+    # ----------------------------------------------------------------- delete, wipe, gc
+
+    def delete_layer(self, ref: str) -> str:
+        """Delete one layer; returns its id.
+
+        Refused when another layer's parent is this layer (checked by resolved id, so
+        deleting by name cannot orphan a child), when it is an image's top layer, or when
+        its view is mounted.
+        """
+        with self._writing() as held:
+            layer = self._resolve(ref)
+            children = [la.id for la in self._layers if la.parent == layer.id]
+            if children:
+                raise LayerHasChildrenError(
+                    f'layer "{layer.id}" is used by layer "{children[0]}": layer has children'
+                )
+            images = self.images.images_with_top_layer(layer.id)
+            if images:
+                raise LayerUsedByImageError(
+                    f'layer "{layer.id}" is the top layer of image "{images[0]}"'
+                )
+            self._refuse_if_mounted(layer)
+            self._delete_unlocked(held, layer)
+            return layer.id
+
+    def _delete_unlocked(self, held: HeldLock, layer: Layer) -> None:
+        """Flag, remove data, drop the record. Caller holds the write lock."""
+        layer.flags[INCOMPLETE_FLAG] = True
+        self._save_for(held, layer)
+        self._remove_layer_data(layer.id)
+        self._forget(layer)
+        self._save_for(held, layer)
+
+    def wipe(self) -> list[str]:
+        """Delete every layer, newest first; refused while any view is mounted."""
+        with self._writing() as held:
+            for layer in self._layers:
+                self._refuse_if_mounted(layer)
+            deleted = []
+            for layer in reversed(list(self._layers)):
+                self._delete_unlocked(held, layer)
+                deleted.append(layer.id)
+            self._save(held)
+            return deleted
+
+    def gc(self) -> list[str]:
+        """Remove driver dirs, tar-splits, big data and ``l/`` links that belong to no record.
+
+        Returns the removed paths. Runs under the write lock, so a layer being created by
+        another process (its record is saved before its directories) is never collected.
+        """
+        removed: list[str] = []
+        with self._writing():
+            known = set(self._by_id)
+            for name in self.driver.orphans(known):
+                path = os.path.join(self.driver.home, name)
+                if os.path.isdir(path) and os.path.ismount(os.path.join(path, "merged")):
+                    log.warning("gc: %s is mounted; left alone", path)
+                    continue
+                remove_tree(path)
+                removed.append(path)
+            for name in self.driver.dangling_links():
+                path = os.path.join(self.driver.link_dir, name)
+                os.unlink(path)
+                removed.append(path)
+            with os.scandir(self.files.layers_dir) as entries:
+                for entry in entries:
+                    if entry.name.endswith(".tar-split.gz"):
+                        owner = entry.name[: -len(".tar-split.gz")]
+                    elif entry.is_dir(follow_symlinks=False):
+                        owner = entry.name
+                    elif entry.name.startswith(".tmp-"):
+                        owner = ""  # a temp file left by a killed writer
+                    else:
+                        continue
+                    if owner not in known:
+                        remove_tree(entry.path)
+                        removed.append(entry.path)
+        return removed
+
+    # ----------------------------------------------------------------- status
+
+    def status(self) -> list[tuple[str, str]]:
+        """Driver and store facts as (key, value) pairs, like ``containers-storage status``."""
+        with self._reading():
+            count = len(self._layers)
+            volatile = len(self._volatile)
+        st = os.statvfs(self.files.root)
+        return [
+            ("Graph Root", self.root),
+            ("Run Root", self.runroot),
+            ("Driver", DRIVER),
+            ("Backing Filesystem", _fs_type(self.files.root)),
+            ("Supports d_type", "true"),
+            ("Native Overlay Diff", "true"),
+            ("Using metacopy", "false"),
+            ("Layers", str(count)),
+            ("Volatile Layers", str(volatile)),
+            ("Free Space", str(st.f_bavail * st.f_frsize)),
+        ]
+
+    def diff_dirs(self, ref: str) -> list[str]:
+        """The ``diff/`` directories of the layer and its ancestors, nearest first."""
+        return [self.driver.diff_dir(la.id) for la in self.chain(ref)]
+
+
+def _copy(layer: Layer) -> Layer:
+    return Layer(**{**layer.__dict__, **_deep_lists(layer)})
+
+
+def _deep_lists(layer: Layer) -> dict[str, Any]:
+    return {
+        "names": list(layer.names),
+        "uidset": list(layer.uidset),
+        "gidset": list(layer.gidset),
+        "flags": dict(layer.flags),
+        "uidmap": [dict(m) for m in layer.uidmap],
+        "gidmap": [dict(m) for m in layer.gidmap],
+        "big_data_names": list(layer.big_data_names),
+        "extra": dict(layer.extra),
+    }
+
+
+def _is_mount_point(path: str) -> bool:
+    try:
+        return os.path.ismount(path)
+    except OSError:
+        return True  # ENOTCONN and friends: something is mounted there, if dead
+
+
+def _fs_type(path: str) -> str:
+    """The filesystem type of ``path`` from /proc/self/mountinfo (longest matching mount)."""
+    best, kind = "", "unknown"
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                mount_point = left.split()[4].replace("\\040", " ")
+                if (real == mount_point or real.startswith(mount_point.rstrip("/") + "/")) and len(
+                    mount_point
+                ) >= len(best):
+                    best, kind = mount_point, right.split()[0]
+    except OSError:
+        pass
+    return kind
