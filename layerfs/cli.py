@@ -8,12 +8,15 @@ containers/storage encodes them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, BinaryIO
 
 from layerfs.errors import LayerfsError, LayerUnknownError
+from layerfs.progress import byte_progress
 from layerfs.store.layers import Store
 from layerfs.store.record import Layer, go_json_dumps
 
@@ -276,6 +279,326 @@ def _gc(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------- contents
+
+
+@contextlib.contextmanager
+def _input_stream(path: str | None) -> Iterator[BinaryIO]:
+    if path is None or path == "-":
+        yield sys.stdin.buffer
+        return
+    with open(path, "rb") as f:
+        yield f
+
+
+def _input_size(path: str | None) -> int | None:
+    if path is None or path == "-":
+        return None
+    return os.path.getsize(path)
+
+
+@_command("import-layer")
+def _import_layer(store: Store, args: argparse.Namespace) -> int:
+    from layerfs.archive.transfer import import_layer
+
+    with (
+        _input_stream(args.file) as stream,
+        byte_progress("import", _input_size(args.file), enabled=not args.json) as progress,
+    ):
+        layer = import_layer(
+            store, stream, layer_id=args.id, names=args.name, parent=args.parent, progress=progress
+        )
+    _show_created(layer, args.json)
+    return 0
+
+
+@_command("applydiff")
+def _applydiff(store: Store, args: argparse.Namespace) -> int:
+    from layerfs.archive.transfer import apply_diff
+
+    with (
+        _input_stream(args.file) as stream,
+        byte_progress("applydiff", _input_size(args.file), enabled=not args.json) as progress,
+    ):
+        layer = apply_diff(store, args.layer, stream, progress=progress)
+    if args.json:
+        _print_json(layer.to_json_obj())
+    return 0
+
+
+@_command("diff")
+def _diff(store: Store, args: argparse.Namespace) -> int:
+    from layerfs.archive.compression import Compression
+    from layerfs.archive.transfer import export_diff
+
+    chosen = None if args.compress is None else Compression[args.compress.upper()]
+    if args.output:
+        directory = os.path.dirname(os.path.abspath(args.output))
+        tmp = os.path.join(directory, f".{os.path.basename(args.output)}.partial")
+        try:
+            with open(tmp, "wb") as out:
+                export_diff(store, args.layer, out, from_ref=args.from_layer, compression=chosen)
+            os.replace(tmp, args.output)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return 0
+    if sys.stdout.isatty():
+        raise LayerfsError("refusing to write a tar stream to a terminal; use --output FILE")
+    sys.stdout.flush()
+    export_diff(store, args.layer, sys.stdout.buffer, from_ref=args.from_layer, compression=chosen)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+@_command("changes")
+def _changes(store: Store, args: argparse.Namespace) -> int:
+    from layerfs.archive.transfer import layer_changes
+
+    found = layer_changes(store, args.layer, args.from_layer)
+    if args.json:
+        _print_json([{"Path": c.path, "Kind": c.kind} for c in found])
+    else:
+        names = {0: "Modify", 1: "Add", 2: "Delete"}
+        for change in found:
+            _out(f'{names.get(change.kind, change.kind)} "{change.path}"')
+    return 0
+
+
+@_command("diffsize")
+def _diffsize(store: Store, args: argparse.Namespace) -> int:
+    from layerfs.archive.transfer import layer_diff_size
+
+    _out(str(layer_diff_size(store, args.layer, args.from_layer)))
+    return 0
+
+
+@_command("import-image")
+def _import_image(store: Store, args: argparse.Namespace) -> int:
+    from layerfs.archive.image import import_image
+
+    def report(layer_id: str, reused: bool) -> None:
+        if not args.json:
+            _out(layer_id)
+
+    with byte_progress("import", None, enabled=not args.json) as progress:
+        result = import_image(
+            store, args.source, name=args.name, progress=progress, on_layer=report
+        )
+    if args.json:
+        _print_json({"image": result.image_id, "layers": result.layer_ids, "reused": result.reused})
+    return 0
+
+
+# --------------------------------------------------------------------- views
+
+
+@_command("mount")
+def _mount(store: Store, args: argparse.Namespace) -> int:
+    from layerfs.fs.manager import MountManager
+
+    manager = MountManager(store)
+    if args.foreground:
+        return _mount_foreground(store, manager, args)
+    layer_id, path, count = manager.mount(
+        args.target,
+        args.mountpoint,
+        allow_other=args.allow_other,
+        for_container=args.for_container,
+        debug=args.debug,
+    )
+    if args.json:
+        _print_json({"id": layer_id, "mountpoint": path, "count": count})
+    else:
+        _out(path)
+    return 0
+
+
+def _mount_foreground(store: Store, manager: Any, args: argparse.Namespace) -> int:
+    """Run the daemon in this terminal with logs on stderr (not recorded in the counts)."""
+    from layerfs.fs import daemon
+
+    layer_id = manager.resolve(args.target)
+    chain = store.chain(layer_id)
+    path = os.path.abspath(args.mountpoint or store.driver.merged_dir(layer_id))
+    manager._check_mountpoint(path, [store.driver.diff_dir(la.id) for la in chain])
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    argv = [path, *(store.driver.diff_dir(la.id) for la in chain), "--foreground"]
+    for layer in chain:
+        argv += ["--layer-id", layer.id]
+    if args.allow_other:
+        argv.append("--allow-other")
+    if args.for_container:
+        argv.append("--for-container")
+    if args.debug:
+        argv.append("--debug")
+    return daemon.main(argv)
+
+
+@_command("unmount")
+def _unmount(store: Store, args: argparse.Namespace) -> int:
+    from layerfs.fs.manager import MountManager
+
+    layer_id, count = MountManager(store).unmount(args.target, force=args.force)
+    if args.json:
+        _print_json({"id": layer_id, "count": count})
+    elif count == 0:
+        _out(f"{args.target} mountpoint unmounted")
+    else:
+        _out(f"{args.target} still mounted ({count})")
+    return 0
+
+
+@_command("mounted")
+def _mounted(store: Store, args: argparse.Namespace) -> int:
+    from layerfs.fs.manager import MountManager
+
+    count = MountManager(store).mounted(args.target)
+    if args.json:
+        _print_json({"target": args.target, "count": count})
+    else:
+        _out(str(count))
+    return 0
+
+
+@_command("ps")
+def _ps(store: Store, args: argparse.Namespace) -> int:
+    from layerfs.fs.manager import MountManager
+
+    views = MountManager(store).ps()
+    if args.json:
+        _print_json(
+            [
+                {
+                    "id": v.layer_id,
+                    "names": list(v.names),
+                    "mountpoint": v.path,
+                    "count": v.count,
+                    "pid": v.pid,
+                }
+                for v in views
+            ]
+        )
+        return 0
+    _out(f"{'LAYER':<14}{'NAMES':<24}{'COUNT':>6} {'PID':>8}  MOUNTPOINT")
+    for v in views:
+        names = ",".join(v.names) or "-"
+        _out(f"{v.layer_id[:12]:<14}{names[:23]:<24}{v.count:>6} {v.pid or '-':>8}  {v.path}")
+    return 0
+
+
+def _open_view(store: Store, target: str) -> tuple[Any, list[str]]:
+    from layerfs.fs.index import open_index
+    from layerfs.fs.manager import INDEX_FILE, MountManager
+
+    layer_id = MountManager(store).resolve(target)
+    chain = store.chain(layer_id)
+    diff_dirs = [store.driver.diff_dir(la.id) for la in chain]
+    cache = os.path.join(store.driver.layer_dir(layer_id), INDEX_FILE)
+    index, _ = open_index(diff_dirs, cache)
+    return index, [la.id for la in chain]
+
+
+@_command("which")
+def _which(store: Store, args: argparse.Namespace) -> int:
+    index, ids = _open_view(store, args.target)
+    info = index.which(args.path)
+
+    def layer(i: int | None) -> str | None:
+        return None if i is None else ids[i]
+
+    result = {
+        "path": info.path,
+        "visible": info.visible,
+        "layer": layer(info.layer),
+        "kind": info.kind,
+        "merged": [ids[i] for i in info.merged],
+        "shadowed": [ids[i] for i in info.shadowed],
+        "whiteout": layer(info.whiteout_layer),
+    }
+    if args.json:
+        _print_json(result)
+        return 0 if info.visible else 1
+    if info.visible:
+        _out(f"{info.path}: {info.kind} from layer {result['layer']}")
+        for other in result["merged"]:
+            if other != result["layer"]:
+                _out(f"  merged with directory in {other}")
+        for other in result["shadowed"]:
+            _out(f"  shadows {other}")
+        return 0
+    if info.whiteout_layer is not None:
+        _out(f"{info.path}: deleted (whiteout) in layer {result['whiteout']}")
+        for other in result["shadowed"]:
+            _out(f"  hides {other}")
+    else:
+        _out(f"{info.path}: not in the view")
+    return 1
+
+
+@_command("ls")
+def _ls(store: Store, args: argparse.Namespace) -> int:
+    import stat as st
+
+    index, ids = _open_view(store, args.target)
+    ino = index.resolve(args.path)
+    if ino is None:
+        raise LayerfsError(f"{args.path}: no such file or directory in the view")
+    entries = index.children(ino) if index.is_dir(ino) else [(os.fsencode(args.path), ino)]
+    rows = []
+    for name, child in entries:
+        a = index.attr(child)
+        rows.append(
+            {
+                "name": os.fsdecode(name),
+                "mode": st.filemode(a.mode),
+                "uid": a.uid,
+                "gid": a.gid,
+                "size": a.size,
+                "mtime_ns": a.mtime_ns,
+                "layer": ids[index.layer_index(child)],
+                "target": os.fsdecode(index.readlink(child)) if st.S_ISLNK(a.mode) else None,
+            }
+        )
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        link = f" -> {r['target']}" if r["target"] is not None else ""
+        _out(
+            f"{r['mode']} {r['uid']:>5} {r['gid']:>5} {r['size']:>10} "
+            f"{r['layer'][:12]}  {r['name']}{link}"
+        )
+    return 0
+
+
+@_command("cat")
+def _cat(store: Store, args: argparse.Namespace) -> int:
+    import stat as st
+
+    index, _ = _open_view(store, args.target)
+    path = args.path
+    for _hop in range(40):
+        ino = index.resolve(path)
+        if ino is None:
+            raise LayerfsError(f"{args.path}: no such file in the view")
+        mode = index.attr(ino).mode
+        if st.S_ISLNK(mode):
+            target = os.fsdecode(index.readlink(ino))
+            base = os.path.dirname("/" + path.lstrip("/"))
+            path = os.path.normpath(os.path.join(base, target))  # confined: resolved in the view
+            continue
+        if not st.S_ISREG(mode):
+            raise LayerfsError(f"{args.path}: not a regular file")
+        sys.stdout.flush()
+        with open(index.backing_path(ino), "rb") as f:
+            while chunk := f.read(1 << 20):
+                sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+        return 0
+    raise LayerfsError(f"{args.path}: too many levels of symbolic links")
+
+
 # --------------------------------------------------------------------- parser
 
 
@@ -343,6 +666,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", "-f", help="read from this file instead of stdin")
     p.add_argument("layer")
     p.add_argument("key")
+
+    p = add("import-layer", "create a layer from a tar stream (gzip/zstd/xz/bzip2 detected)")
+    p.add_argument("--name", "-n", action="append", default=[], help="a name (repeatable)")
+    p.add_argument("--id", "-i", help="use this id instead of a random one")
+    p.add_argument("--parent", "-p", help="parent layer (id, name or id prefix)")
+    p.add_argument("file", nargs="?", help="the tar stream (default: stdin)")
+
+    p = add("applydiff", "apply a tar stream on top of a layer's contents")
+    p.add_argument("layer")
+    p.add_argument("file", nargs="?", help="the tar stream (default: stdin)")
+
+    p = add("diff", "write a layer's changes as a tar stream", json_flag=False)
+    p.add_argument(
+        "--compress",
+        "-c",
+        choices=["none", "gzip", "zstd", "xz", "bzip2"],
+        help="output compression (default: the layer's own)",
+    )
+    p.add_argument("--output", "-o", help="write here instead of stdout")
+    p.add_argument("layer")
+    p.add_argument("from_layer", nargs="?", metavar="FROM", help="must be the parent")
+
+    p = add("changes", "list a layer's changes (Add, Modify, Delete)")
+    p.add_argument("layer")
+    p.add_argument("from_layer", nargs="?", metavar="FROM", help="must be the parent")
+
+    p = add("diffsize", "print the size of a layer's changes", json_flag=False)
+    p.add_argument("layer")
+    p.add_argument("from_layer", nargs="?", metavar="FROM", help="must be the parent")
+
+    p = add("import-image", "import an image: oci:DIR[:TAG] or docker-archive:FILE")
+    p.add_argument("--name", "-n", help="image name (default: from the source)")
+    p.add_argument("source")
+
+    p = add("mount", "mount a layer's or image's union view (read-only) and print where")
+    p.add_argument("--for-container", action="store_true", help="keep suid/dev for a runtime")
+    p.add_argument("--allow-other", action="store_true", help="let other users in")
+    p.add_argument("--foreground", action="store_true", help="run the daemon here, with logs")
+    p.add_argument("target", help="layer id, name or prefix, or image name")
+    p.add_argument("mountpoint", nargs="?", help="default: <root>/overlay/<id>/merged")
+
+    p = add("unmount", "drop one user of a view; unmount at zero")
+    p.add_argument("--force", "-f", action="store_true", help="unmount whatever the count")
+    p.add_argument("target", help="layer, image or mount point")
+
+    p = add("mounted", "print a layer's mount count (0 when not mounted)")
+    p.add_argument("target")
+
+    add("ps", "list live views with their counts and daemons")
+
+    p = add("which", "show which layer supplies a path, and what it shadows")
+    p.add_argument("target")
+    p.add_argument("path")
+
+    p = add("ls", "list a directory of a view without mounting it")
+    p.add_argument("target")
+    p.add_argument("path", nargs="?", default="/")
+
+    p = add("cat", "print a file of a view without mounting it", json_flag=False)
+    p.add_argument("target")
+    p.add_argument("path")
 
     add("wipe", "delete every layer")
     add("status", "show store and driver facts")

@@ -1,19 +1,42 @@
 """Image records: ``<graphroot>/overlay-images/images.json`` under ``images.lock``.
 
 The layer store reads images to refuse deleting an image's top layer and to resolve an
-image name to its top layer for ``mount``. Records are kept as decoded JSON objects so that
-keys written by Go survive a rewrite unchanged.
+image name to its top layer for ``mount``; ``import-image`` adds records. Records are kept
+as decoded JSON objects so that keys written by Go survive a rewrite unchanged. Big data
+lives in ``overlay-images/<id>/<file>`` with the same file-name encoding as layer big data.
+
+Lock order: ``layers.lock`` before ``images.lock``, as in containers/storage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
 from typing import Any
 
 from layerfs.errors import CorruptStoreError
-from layerfs.store.jsonfile import read_optional
+from layerfs.store.bigdata import big_data_file_name
+from layerfs.store.jsonfile import atomic_write, read_optional
 from layerfs.store.lockfile import LockFile
+from layerfs.store.record import format_created, go_json_dumps
+
+#: Key order of an image record as containers/storage writes it.
+IMAGE_KEYS = (
+    "id",
+    "digest",
+    "names",
+    "names-history",
+    "layer",
+    "mapped-layers",
+    "metadata",
+    "big-data-names",
+    "big-data-sizes",
+    "big-data-digests",
+    "created",
+    "flags",
+)
 
 
 class ImageRecords:
@@ -67,3 +90,72 @@ class ImageRecords:
         if name_or_id and len(matches) == 1:
             return str(matches[0].get("layer") or "") or None
         return None
+
+    def add_image(
+        self,
+        image_id: str,
+        *,
+        names: list[str],
+        top_layer: str,
+        manifest: bytes,
+        manifest_digest: str,
+        config: bytes,
+        config_digest: str,
+    ) -> dict[str, Any]:
+        """Add (or update) an image record with its manifest and config as big data.
+
+        Names move from any other image that holds them, as in Go. The caller holds
+        ``layers.lock`` (the top layer must not vanish meanwhile); this takes ``images.lock``.
+        """
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        items = {
+            config_digest: config,
+            f"manifest-{manifest_digest}": manifest,
+            "manifest": manifest,
+        }
+        with self.lock.write() as held:
+            images = self.load_unlocked()
+            record = next((i for i in images if i.get("id") == image_id), None)
+            if record is None:
+                record = {"id": image_id, "created": format_created(time.time_ns())}
+                images.append(record)
+            for other in images:
+                if other is not record and other.get("names"):
+                    other["names"] = [n for n in other["names"] if n not in names]
+            record["digest"] = manifest_digest
+            record["names"] = list(dict.fromkeys([*(record.get("names") or []), *names]))
+            history = [n for n in (record.get("names-history") or []) if n not in names]
+            record["names-history"] = [*names, *history]
+            record["layer"] = top_layer
+            data_dir = os.path.join(self.dir, image_id)
+            os.makedirs(data_dir, mode=0o700, exist_ok=True)
+            big_names = list(record.get("big-data-names") or [])
+            sizes = dict(record.get("big-data-sizes") or {})
+            digests = dict(record.get("big-data-digests") or {})
+            for key, data in items.items():
+                atomic_write(os.path.join(data_dir, big_data_file_name(key)), data)
+                if key not in big_names:
+                    big_names.append(key)
+                sizes[key] = len(data)
+                digests[key] = "sha256:" + hashlib.sha256(data).hexdigest()
+            record["big-data-names"] = big_names
+            record["big-data-sizes"] = sizes
+            record["big-data-digests"] = digests
+            held.record_write()
+            atomic_write(self.path, _encode_images(images))
+            return dict(record)
+
+
+def _encode_images(images: list[dict[str, Any]]) -> bytes:
+    """images.json bytes: Go key order, empty values omitted, map keys sorted."""
+    encoded = []
+    for image in images:
+        ordered: dict[str, Any] = {}
+        for key in IMAGE_KEYS:
+            value = image.get(key)
+            if key in ("id", "created") or value:
+                ordered[key] = dict(sorted(value.items())) if isinstance(value, dict) else value
+        for key, value in image.items():
+            ordered.setdefault(key, value)
+        encoded.append(go_json_dumps(ordered))
+    return ("[" + ",".join(encoded) + "]").encode("utf-8")

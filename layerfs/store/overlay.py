@@ -18,7 +18,7 @@ import os
 import shutil
 import stat
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from layerfs.errors import CorruptStoreError, LayerfsError
 
@@ -36,16 +36,31 @@ class OverlayLayout:
         self.link_dir = os.path.join(self.home, LINK_DIR)
 
     def ensure_home(self) -> None:
-        """Create the driver home, ``l/`` and ``.has-mount-program`` as the Go driver does."""
+        """Create the driver home, ``l/`` and ``.has-mount-program`` as the Go driver does.
+
+        ``.has-mount-program`` also records the store's whiteout form: ``false`` (root) means
+        kernel form (char device 0:0, ``trusted.overlay.opaque``), ``true`` means the form the
+        Go driver writes with a mount program (``.wh.`` files, ``user.overlay.opaque``),
+        which needs neither mknod nor trusted.* xattrs.
+        """
         os.makedirs(self.home, mode=0o700, exist_ok=True)
         os.makedirs(self.link_dir, mode=0o700, exist_ok=True)
         marker = os.path.join(self.home, ".has-mount-program")
         if not os.path.exists(marker):
             fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.write(fd, b"false")
+                os.write(fd, b"false" if os.geteuid() == 0 else b"true")
             finally:
                 os.close(fd)
+
+    def whiteout_format(self) -> Literal["kernel", "aufs"]:
+        """The whiteout form this store's layers use (see :meth:`ensure_home`)."""
+        try:
+            with open(os.path.join(self.home, ".has-mount-program")) as f:
+                uses_program = f.read().strip() == "true"
+        except FileNotFoundError:
+            uses_program = os.geteuid() != 0
+        return "aufs" if uses_program else "kernel"
 
     def layer_dir(self, layer_id: str) -> str:
         """``<home>/<id>``."""

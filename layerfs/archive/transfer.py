@@ -1,0 +1,139 @@
+"""Moving layer contents into and out of the store: import, applydiff, diff, changes.
+
+These functions join the store (records, locks, crash discipline) to the tar machinery in
+:mod:`layerfs.archive.apply` and :mod:`layerfs.archive.export`. Imports run inside
+:meth:`Store.create_layer`/``update_layer``, so the layer is flagged ``incomplete`` until its
+contents and digests are in place, and a failure removes it again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any, BinaryIO
+
+from layerfs.archive.apply import ApplyResult, apply_tar
+from layerfs.archive.compression import Compression, open_compressor
+from layerfs.archive.export import Change, changes, diff_size, write_diff
+from layerfs.errors import InvalidArgumentError
+from layerfs.store.layers import Store
+from layerfs.store.record import Layer
+
+Progress = Callable[[int, int], None]
+
+
+def result_fields(result: ApplyResult) -> dict[str, Any]:
+    """Record fields (Layer attribute names) from an apply result."""
+    return {
+        "compressed_diff_digest": result.compressed_digest,
+        "compressed_size": result.compressed_size,
+        "diff_digest": result.uncompressed_digest,
+        "diff_size": result.uncompressed_size,
+        "compression": int(result.compression),
+        "uidset": list(result.uidset),
+        "gidset": list(result.gidset),
+    }
+
+
+def import_layer(
+    store: Store,
+    stream: BinaryIO,
+    *,
+    layer_id: str | None = None,
+    names: Iterable[str] = (),
+    parent: str | None = None,
+    check: Callable[[ApplyResult], None] | None = None,
+    progress: Progress | None = None,
+) -> Layer:
+    """Create a layer from a (possibly compressed) tar stream.
+
+    ``check`` may inspect the result (digests) and raise to reject the layer; the layer is
+    then removed as if the tar had been bad. Takes the store's write lock for the whole
+    import, as containers/storage does.
+    """
+
+    def populate(layer: Layer, lowers: list[str]) -> dict[str, Any]:
+        result = apply_tar(
+            stream,
+            store.driver.diff_dir(layer.id),
+            lower_diff_dirs=lowers,
+            tar_split_path=store.files.tar_split(layer.id),
+            whiteout_format=store.driver.whiteout_format(),
+            progress=progress,
+        )
+        if check is not None:
+            check(result)
+        return result_fields(result)
+
+    return store.create_layer(layer_id, names=names, parent=parent, populate=populate)
+
+
+def apply_diff(
+    store: Store, ref: str, stream: BinaryIO, *, progress: Progress | None = None
+) -> Layer:
+    """Apply a tar stream on top of an existing layer's contents."""
+
+    def apply(layer: Layer, lowers: list[str]) -> dict[str, Any]:
+        result = apply_tar(
+            stream,
+            store.driver.diff_dir(layer.id),
+            lower_diff_dirs=lowers,
+            tar_split_path=store.files.tar_split(layer.id),
+            whiteout_format=store.driver.whiteout_format(),
+            progress=progress,
+        )
+        return result_fields(result)
+
+    return store.update_layer(ref, apply)
+
+
+def _diff_inputs(store: Store, ref: str, from_ref: str | None) -> tuple[Layer, list[str], str]:
+    chain = store.chain(ref)
+    layer = chain[0]
+    if from_ref is not None:
+        base = store.get(from_ref)
+        if base.id != layer.parent:
+            raise InvalidArgumentError(
+                f'diff of layer "{layer.id}" against "{base.id}": only its parent '
+                f'("{layer.parent or "none"}") is supported'
+            )
+    lowers = [store.driver.diff_dir(la.id) for la in chain[1:]]
+    return layer, lowers, store.driver.diff_dir(layer.id)
+
+
+def export_diff(
+    store: Store,
+    ref: str,
+    out: BinaryIO,
+    *,
+    from_ref: str | None = None,
+    compression: Compression | None = None,
+) -> Compression:
+    """Write the layer's diff as a tar stream; returns the compression used.
+
+    The original bytes are replayed when the layer has a tar-split; otherwise a tar is
+    generated from ``diff/``. ``compression`` defaults to the layer's own compression.
+    """
+    layer, lowers, diff_dir = _diff_inputs(store, ref, from_ref)
+    chosen = Compression(layer.compression) if compression is None else compression
+    tar_split = store.files.tar_split(layer.id)
+    with store.lock.read():
+        sink = open_compressor(out, chosen)
+        write_diff(sink, diff_dir, lowers, tar_split if os.path.exists(tar_split) else None)
+        if sink is not out:
+            sink.close()
+    return chosen
+
+
+def layer_changes(store: Store, ref: str, from_ref: str | None = None) -> list[Change]:
+    """Add/Modify/Delete entries of the layer relative to its parent (Go's rules)."""
+    _, lowers, diff_dir = _diff_inputs(store, ref, from_ref)
+    with store.lock.read():
+        return changes(diff_dir, lowers)
+
+
+def layer_diff_size(store: Store, ref: str, from_ref: str | None = None) -> int:
+    """Sum of regular file sizes in the layer's ``diff/``, as the overlay driver reports."""
+    _, _, diff_dir = _diff_inputs(store, ref, from_ref)
+    with store.lock.read():
+        return diff_size(diff_dir)

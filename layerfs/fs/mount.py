@@ -1,0 +1,266 @@
+"""Client side of a union mount: start the daemon, wait until the mount is live, detect dead
+mounts, unmount. Knows nothing about the store: callers pass diff dirs and layer ids."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import layerfs
+from layerfs.errors import MountError
+
+MNT_DETACH = 2
+_LOG_TAIL = 2000
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _umount2(path: str, flags: int) -> int:
+    """umount2(2); returns 0 or the errno."""
+    if _libc().umount2(os.fsencode(path), flags) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+def _log_tail(log_path: str | None) -> str:
+    if not log_path:
+        return ""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - _LOG_TAIL))
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def spawn_daemon(
+    diff_dirs: Sequence[str],
+    layer_ids: Sequence[str],
+    mountpoint: str,
+    *,
+    index_path: str | None,
+    log_path: str,
+    allow_other: bool = False,
+    for_container: bool = False,
+    debug: bool = False,
+    timeout: float = 300.0,
+) -> int:
+    """Start a daemon serving the chain *diff_dirs* (top first) at *mountpoint*; return its pid
+    once the mount is live (the daemon has answered a stat of the mountpoint).
+
+    The daemon runs in its own session and is re-parented (it forks once), so it outlives the
+    caller. Raises MountError with the daemon's message (and log tail) when it fails or does
+    not get ready within *timeout* seconds; in that case nothing is left mounted or running.
+    """
+    if layer_ids and len(layer_ids) != len(diff_dirs):
+        raise MountError(f"{len(layer_ids)} layer ids for {len(diff_dirs)} layers")
+    mountpoint = os.path.abspath(mountpoint)
+    cmd = [sys.executable, "-m", "layerfs.fs.daemon", mountpoint]
+    cmd += [os.path.abspath(d) for d in diff_dirs]
+    for lid in layer_ids:
+        cmd += ["--layer-id", lid]
+    if index_path:
+        cmd += ["--index", os.path.abspath(index_path)]
+    cmd += ["--log", os.path.abspath(log_path)]
+    if allow_other:
+        cmd.append("--allow-other")
+    if for_container:
+        cmd.append("--for-container")
+    if debug:
+        cmd.append("--debug")
+    env = dict(os.environ)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(layerfs.__file__)))
+    env["PYTHONPATH"] = pkg_root + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
+    rfd, wfd = os.pipe()
+    try:
+        cmd += ["--ready-fd", str(wfd)]
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(
+                cmd,
+                pass_fds=(wfd,),
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                env=env,
+                cwd="/",
+            )
+        os.close(wfd)
+        wfd = -1
+        lines = _read_ready(rfd, timeout)
+    finally:
+        if wfd >= 0:
+            os.close(wfd)
+        os.close(rfd)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)  # the forking parent exits at once
+    pid = None
+    for line in lines:
+        if line.startswith("PID "):
+            pid = int(line[4:])
+    if lines and lines[-1] == "READY" and pid is not None:
+        return pid
+    errs = [ln[6:] for ln in lines if ln.startswith("ERROR ")]
+    msg = errs[-1] if errs else "daemon exited before the mount was ready"
+    if not errs:
+        # timed out or died silently: make sure nothing is left behind
+        if pid is not None and daemon_pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            msg = f"daemon not ready after {timeout:g} s"
+        if is_mountpoint(mountpoint):
+            detach(mountpoint)
+    tail = _log_tail(log_path)
+    raise MountError(f"mounting {mountpoint} failed: {msg}" + (f"\n{tail}" if tail else ""))
+
+
+def _read_ready(fd: int, timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        r, _, _ = select.select([fd], [], [], left)
+        if not r:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+        done = [ln for ln in buf.split(b"\n") if ln == b"READY" or ln.startswith(b"ERROR ")]
+        if done:
+            break
+    return [ln.decode(errors="replace") for ln in buf.split(b"\n") if ln]
+
+
+def _unescape_mountinfo(field: str) -> str:
+    out = []
+    i = 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def _norm(path: str) -> str:
+    # realpath of the parent only: the mountpoint itself may be a dead FUSE mount
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name) if name else path
+
+
+def mountinfo() -> list[tuple[str, str, str]]:
+    """(mount point, fs type, source) of every mount in this mount namespace, in order."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            out.append(
+                (
+                    _unescape_mountinfo(fields[4]),
+                    fields[sep + 1],
+                    _unescape_mountinfo(fields[sep + 2]),
+                )
+            )
+    return out
+
+
+def is_mountpoint(path: str) -> bool:
+    """True if something is mounted at *path* (from /proc/self/mountinfo; never stats *path*)."""
+    p = _norm(path)
+    return any(m[0] == p for m in mountinfo())
+
+
+def is_dead_fuse_mount(path: str) -> bool:
+    """True if *path* is a FUSE mount whose daemon is gone (ENOTCONN).
+
+    Probes with statfs first: the view's attributes are cached by the kernel for a very long
+    time, so a plain stat of a dead mount's root can still succeed; statfs always reaches the
+    daemon."""
+    for probe in (os.statvfs, os.stat):
+        try:
+            probe(path)
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                return True
+    return False
+
+
+def detach(path: str) -> bool:
+    """Lazy-unmount *path* (umount2 MNT_DETACH, else ``fusermount3 -uz``). Returns False if
+    nothing was mounted there; raises MountError if it could not be detached."""
+    if not is_mountpoint(path):
+        return False
+    err = _umount2(path, MNT_DETACH)
+    if err == 0:
+        return True
+    if err == errno.EPERM:
+        r = subprocess.run(["fusermount3", "-uz", path], capture_output=True, text=True)
+        if r.returncode == 0:
+            return True
+        raise MountError(f"detaching {path} failed: {r.stderr.strip()}")
+    raise MountError(f"detaching {path} failed: {os.strerror(err)}")
+
+
+def daemon_pid_alive(pid: int) -> bool:
+    """True if process *pid* exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    state = data[data.rindex(b")") + 2 : data.rindex(b")") + 3]
+    return state not in (b"Z", b"X")
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while daemon_pid_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def unmount(path: str, pid: int | None, timeout: float = 10.0) -> None:
+    """Cleanly unmount *path* (umount2, else ``fusermount3 -u``) and wait up to *timeout*
+    seconds for the daemon *pid* to exit (SIGTERM after that, then MountError).
+    A busy mount raises MountError and stays mounted."""
+    if is_mountpoint(path):
+        err = _umount2(path, 0)
+        if err == errno.EPERM:
+            r = subprocess.run(["fusermount3", "-u", path], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise MountError(f"unmounting {path} failed: {r.stderr.strip()}")
+        elif err == errno.EBUSY:
+            raise MountError(f"unmounting {path} failed: mount is busy")
+        elif err not in (0, errno.EINVAL):
+            raise MountError(f"unmounting {path} failed: {os.strerror(err)}")
+    if pid is None:
+        return
+    if _wait_gone(pid, timeout):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if not _wait_gone(pid, 2.0):
+        raise MountError(f"daemon {pid} for {path} did not exit after unmount")
