@@ -1,23 +1,50 @@
 """layerfs: a containers/storage-compatible layer store and a FUSE union view of layer chains.
 
 Public API: :class:`Store` (the layer store), :class:`Layer` (one record) and the error
-types in :mod:`layerfs.errors`.
+types in :mod:`layerfs.errors`. They are imported on first use, so that processes that need
+only a part of the package (the mount daemon above all) start fast.
 """
 
-from layerfs.errors import (
-    AmbiguousLayerError,
-    ArchiveError,
-    CorruptStoreError,
-    DuplicateIDError,
-    LayerfsError,
-    LayerHasChildrenError,
-    LayerMountedError,
-    LayerUnknownError,
-    MountError,
-    NameInUseError,
-)
-from layerfs.store.layers import Store
-from layerfs.store.record import Layer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from layerfs.errors import (
+        AmbiguousLayerError,
+        ArchiveError,
+        CorruptStoreError,
+        DuplicateIDError,
+        LayerfsError,
+        LayerHasChildrenError,
+        LayerMountedError,
+        LayerUnknownError,
+        MountError,
+        NameInUseError,
+    )
+    from layerfs.store.layers import Store
+    from layerfs.store.record import Layer
+
+_WHERE = {
+    "Store": "layerfs.store.layers",
+    "Layer": "layerfs.store.record",
+    **{
+        name: "layerfs.errors"
+        for name in (
+            "AmbiguousLayerError",
+            "ArchiveError",
+            "CorruptStoreError",
+            "DuplicateIDError",
+            "LayerHasChildrenError",
+            "LayerMountedError",
+            "LayerUnknownError",
+            "LayerfsError",
+            "MountError",
+            "NameInUseError",
+        )
+    },
+}
 
 __all__ = [
     "AmbiguousLayerError",
@@ -34,3 +61,10 @@ __all__ = [
     "Store",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'layerfs' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

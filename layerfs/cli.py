@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 from layerfs.errors import LayerfsError, LayerUnknownError
-from layerfs.progress import byte_progress
 from layerfs.store.layers import Store
 from layerfs.store.record import Layer, go_json_dumps
 
@@ -32,6 +31,15 @@ def _command(name: str) -> Callable[[Handler], Handler]:
         return func
 
     return register
+
+
+def byte_progress(
+    label: str, total: int | None, *, enabled: bool
+) -> contextlib.AbstractContextManager[Callable[[int, int], None] | None]:
+    """A progress callback for long transfers (rich is imported only when needed)."""
+    from layerfs.progress import byte_progress as make
+
+    return make(label, total, enabled=enabled)
 
 
 def _out(text: str = "") -> None:
@@ -613,8 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, help_text: str, *, json_flag: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    def add(
+        name: str, help_text: str, *, json_flag: bool = True, aliases: Sequence[str] = ()
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, aliases=list(aliases))
         if json_flag:
             p.add_argument("--json", action="store_true", help="print JSON")
         return p
@@ -707,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="layer id, name or prefix, or image name")
     p.add_argument("mountpoint", nargs="?", help="default: <root>/overlay/<id>/merged")
 
-    p = add("unmount", "drop one user of a view; unmount at zero")
+    p = add("unmount", "drop one user of a view; unmount at zero", aliases=["umount"])
     p.add_argument("--force", "-f", action="store_true", help="unmount whatever the count")
     p.add_argument("target", help="layer, image or mount point")
 
@@ -746,7 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="layerfs: %(levelname)s: %(message)s",
     )
-    handler = _COMMANDS[args.command]
+    handler = _COMMANDS["unmount" if args.command == "umount" else args.command]
     try:
         store = Store(args.root, args.runroot, read_only=False)
         return handler(store, args)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from archive_helpers import E, GoStore, build_tar, raw_entry, require_root, require_tool
 
+from archive_helpers import E, GoStore, build_tar, raw_entry, require_root, require_tool
 from layerfs.archive.apply import apply_tar
 from layerfs.archive.compression import Compression
 from layerfs.errors import ArchiveError

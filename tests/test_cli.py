@@ -6,8 +6,8 @@ import json
 import os
 
 import pytest
-from conftest import LayerfsCLI
 
+from conftest import LayerfsCLI
 from layerfs.cli import build_parser
 
 

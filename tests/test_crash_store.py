@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+
 from conftest import IN_CI, GoTool, StorePaths
 
 pytestmark = pytest.mark.interop

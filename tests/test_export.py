@@ -9,10 +9,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from archive_helpers import E, GoStore, build_tar, require_root, require_tool, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from archive_helpers import E, GoStore, build_tar, require_root, require_tool, snapshot
 from layerfs.archive.apply import apply_tar
 from layerfs.archive.export import changes, diff_size, write_diff
 from layerfs.errors import ArchiveError

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+
 from fs_helpers import (
     CAP_NET_BIND,
     Layer,
@@ -23,8 +25,6 @@ from fs_helpers import (
     snapshot,
     snapshot_index,
 )
-from hypothesis import HealthCheck, given, settings
-
 from layerfs.fs.index import (
     ROOT_INO,
     UnionIndex,

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+
 from fs_helpers import (
     Layer,
     assert_same_tree,
@@ -24,8 +26,6 @@ from fs_helpers import (
     require_fuse,
     snapshot,
 )
-from hypothesis import HealthCheck, given, settings
-
 from layerfs.errors import MountError
 from layerfs.fs.mount import (
     daemon_pid_alive,

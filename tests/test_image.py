@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
 from conftest import GoTool, LayerfsCLI, StorePaths, require_root
 from image_helpers import build_oci_image, config_diff_ids, layer_blobs, sample_steps
 

@@ -10,8 +10,8 @@ import threading
 import time
 
 import pytest
-from conftest import GoTool, LayerfsCLI, StorePaths
 
+from conftest import GoTool, LayerfsCLI, StorePaths
 from layerfs.store.layers import Store
 
 pytestmark = pytest.mark.interop

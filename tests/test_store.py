@@ -8,8 +8,8 @@ import stat
 import subprocess
 
 import pytest
-from conftest import StorePaths, require_root
 
+from conftest import StorePaths, require_root
 from layerfs.errors import (
     AmbiguousLayerError,
     BigDataUnknownError,

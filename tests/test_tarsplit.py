@@ -11,8 +11,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from archive_helpers import E, GoStore, build_tar, require_tool
 
+from archive_helpers import E, GoStore, build_tar, require_tool
 from layerfs.archive.apply import apply_tar
 from layerfs.archive.tarsplit import (
     FILE_TYPE,

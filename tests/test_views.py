@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import GoTool, LayerfsCLI, StorePaths, require_root
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]

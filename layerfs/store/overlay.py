@@ -195,8 +195,18 @@ def _new_link_id() -> str:
 
 
 def _write_small(path: str, text: str, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    """Write a small file atomically (temp file in the same directory, then rename).
+
+    A kill part-way must never leave ``link`` empty: containers-storage 1.43 deletes
+    ``l/<contents of link>`` when it removes an incomplete layer, and for an empty ``link``
+    that is the whole ``l/`` directory, breaking every other layer's link.
+    """
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        os.write(fd, text.encode())
+        data = text.encode()
+        while data:
+            data = data[os.write(fd, data) :]
     finally:
         os.close(fd)
+    os.rename(tmp, path)
