@@ -115,8 +115,6 @@ def _import(
         is_top = index == len(diff_ids) - 1
         if store.exists(layer_id) and store.get(layer_id).id == layer_id:
             reused.append(True)
-            if is_top and name:
-                store.add_names(layer_id, [name])
         else:
             blob_digest = image.layer_digests[index]
 
@@ -137,7 +135,6 @@ def _import(
                         store,
                         stream,
                         layer_id=layer_id,
-                        names=[name] if (is_top and name) else [],
                         parent=parent or None,
                         check=check,
                         progress=progress,
@@ -145,6 +142,8 @@ def _import(
                 reused.append(False)
             except DuplicateIDError:  # another process imported the same layer meanwhile
                 reused.append(True)
+        if is_top and name:
+            store.add_names(layer_id, [name])  # moves the name from an older top layer
         layer_ids.append(layer_id)
         if on_layer is not None:
             on_layer(layer_id, reused[-1])
