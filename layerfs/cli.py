@@ -158,9 +158,12 @@ def _exists(store: Store, args: argparse.Namespace) -> int:
 
 @_command("delete-layer")
 def _delete_layer(store: Store, args: argparse.Namespace) -> int:
+    from layerfs.fs.manager import MountManager
+
     rc = 0
     for ref in args.layers:
         try:
+            MountManager(store).repair(ref)  # a dead daemon's mount must not block the delete
             _out(store.delete_layer(ref))
         except LayerfsError as exc:
             _err(str(exc))

@@ -241,3 +241,13 @@ def layerfs_file() -> str:
     import layerfs
 
     return layerfs.__file__
+
+
+def test_a_dead_view_does_not_block_delete(cli: LayerfsCLI, chain: str, paths: StorePaths) -> None:
+    cli.out("mount", chain)
+    layer_id = json.loads(cli.out("layer", "--json", chain))[0]["id"]
+    os.kill(_daemon_pid(paths, layer_id), signal.SIGKILL)
+    time.sleep(0.2)
+    assert cli.out("delete-layer", chain).strip() == layer_id
+    assert not _fuse_mounts_below(paths.root)
+    assert not os.path.exists(os.path.join(paths.root, "overlay", layer_id))

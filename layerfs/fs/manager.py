@@ -250,6 +250,17 @@ class MountManager:
             record = self._repair(table, layer_id)
             return record.count if record else 0
 
+    def repair(self, target: str) -> None:
+        """Detach a dead view and drop stale counts of one layer, if it has a record."""
+        try:
+            layer_id = self.resolve(target)
+        except LayerUnknownError:
+            return
+        if layer_id not in self.store.mount_table.snapshot():
+            return
+        with self._layer_lock(layer_id), self.store.mount_table.update() as table:
+            self._repair(table, layer_id)
+
     def ps(self) -> list[MountInfo]:
         """Every recorded view, after repairing dead and stale ones."""
         out = []

@@ -17,6 +17,17 @@ from collections.abc import Sequence
 
 import layerfs
 from layerfs.errors import MountError
+from layerfs.mountinfo import is_mountpoint, mounts
+
+__all__ = [
+    "daemon_pid_alive",
+    "detach",
+    "is_dead_fuse_mount",
+    "is_mountpoint",
+    "mountinfo",
+    "spawn_daemon",
+    "unmount",
+]
 
 MNT_DETACH = 2
 _LOG_TAIL = 2000
@@ -148,47 +159,7 @@ def _read_ready(fd: int, timeout: float) -> list[str]:
     return [ln.decode(errors="replace") for ln in buf.split(b"\n") if ln]
 
 
-def _unescape_mountinfo(field: str) -> str:
-    out = []
-    i = 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def _norm(path: str) -> str:
-    # realpath of the parent only: the mountpoint itself may be a dead FUSE mount
-    path = os.path.abspath(path)
-    parent, name = os.path.split(path)
-    return os.path.join(os.path.realpath(parent), name) if name else path
-
-
-def mountinfo() -> list[tuple[str, str, str]]:
-    """(mount point, fs type, source) of every mount in this mount namespace, in order."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            out.append(
-                (
-                    _unescape_mountinfo(fields[4]),
-                    fields[sep + 1],
-                    _unescape_mountinfo(fields[sep + 2]),
-                )
-            )
-    return out
-
-
-def is_mountpoint(path: str) -> bool:
-    """True if something is mounted at *path* (from /proc/self/mountinfo; never stats *path*)."""
-    p = _norm(path)
-    return any(m[0] == p for m in mountinfo())
+mountinfo = mounts  # re-exported: the table reader lives in layerfs.mountinfo
 
 
 def is_dead_fuse_mount(path: str) -> bool:

@@ -44,6 +44,7 @@ from layerfs.errors import (
     NameInUseError,
     StoreReadOnlyError,
 )
+from layerfs.mountinfo import fs_type_of, is_mountpoint
 from layerfs.store import bigdata
 from layerfs.store.images import ImageRecords
 from layerfs.store.jsonfile import atomic_write, mtime_ns, read_optional
@@ -621,13 +622,14 @@ class Store:
         """Raise when the layer's view is live. Caller holds ``layers.lock``.
 
         A count whose path is no longer a mount point (a reboot or a manual umount) is
-        stale; it is dropped rather than trusted.
+        stale; it is dropped rather than trusted. A mount whose daemon died is still a
+        mount (``layerfs mounted`` or ``unmount`` repairs it).
         """
         with self.mount_table.update() as table:
             record = table.get(layer.id)
             if record is None or record.count <= 0:
                 return
-            if record.path and _is_mount_point(record.path):
+            if record.path and is_mountpoint(record.path):
                 raise LayerMountedError(
                     f'layer "{layer.id}" is mounted at {record.path} '
                     f"(count {record.count}); unmount it first"
@@ -690,7 +692,7 @@ class Store:
             known = set(self._by_id)
             for name in self.driver.orphans(known):
                 path = os.path.join(self.driver.home, name)
-                if os.path.isdir(path) and os.path.ismount(os.path.join(path, "merged")):
+                if is_mountpoint(os.path.join(path, "merged")):
                     log.warning("gc: %s is mounted; left alone", path)
                     continue
                 remove_tree(path)
@@ -726,7 +728,7 @@ class Store:
             ("Graph Root", self.root),
             ("Run Root", self.runroot),
             ("Driver", DRIVER),
-            ("Backing Filesystem", _fs_type(self.files.root)),
+            ("Backing Filesystem", fs_type_of(self.files.root)),
             ("Supports d_type", "true"),
             ("Native Overlay Diff", "true"),
             ("Using metacopy", "false"),
@@ -755,28 +757,3 @@ def _deep_lists(layer: Layer) -> dict[str, Any]:
         "big_data_names": list(layer.big_data_names),
         "extra": dict(layer.extra),
     }
-
-
-def _is_mount_point(path: str) -> bool:
-    try:
-        return os.path.ismount(path)
-    except OSError:
-        return True  # ENOTCONN and friends: something is mounted there, if dead
-
-
-def _fs_type(path: str) -> str:
-    """The filesystem type of ``path`` from /proc/self/mountinfo (longest matching mount)."""
-    best, kind = "", "unknown"
-    real = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                mount_point = left.split()[4].replace("\\040", " ")
-                if (real == mount_point or real.startswith(mount_point.rstrip("/") + "/")) and len(
-                    mount_point
-                ) >= len(best):
-                    best, kind = mount_point, right.split()[0]
-    except OSError:
-        pass
-    return kind

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from layerfs.errors import CorruptStoreError, LayerfsError
+from layerfs.mountinfo import is_mountpoint
 
 DRIVER = "overlay"
 LINK_DIR = "l"
@@ -140,7 +141,7 @@ class OverlayLayout:
         """
         layer_dir = self.layer_dir(layer_id)
         merged = self.merged_dir(layer_id)
-        if os.path.ismount(merged):
+        if is_mountpoint(merged):
             raise LayerfsError(f'layer "{layer_id}": {merged} is still mounted')
         link_file = os.path.join(layer_dir, "link")
         with contextlib.suppress(OSError), open(link_file) as f:
