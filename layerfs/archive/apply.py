@@ -427,24 +427,33 @@ def _exists(dfd: int, name: bytes) -> bool:
     return True
 
 
-def lstat_in(root: str, parts: Sequence[bytes]) -> os.stat_result | None:
-    """lstat ``root/parts`` without following any symlink; None if absent or unreachable."""
+def open_parent_dir(root: str, parts: Sequence[bytes]) -> int | None:
+    """A descriptor of the directory holding ``root/parts``, reached without following any
+    symlink; None if it is absent or unreachable. The caller closes it."""
     try:
         fd = os.open(root, _DIR_FLAGS)
     except OSError:
         return None
-    try:
-        for comp in parts[:-1]:
-            try:
-                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
-            except OSError:
-                return None
-            os.close(fd)
-            fd = nfd
+    for comp in parts[:-1]:
         try:
-            return os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+            nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
         except OSError:
+            os.close(fd)
             return None
+        os.close(fd)
+        fd = nfd
+    return fd
+
+
+def lstat_in(root: str, parts: Sequence[bytes]) -> os.stat_result | None:
+    """lstat ``root/parts`` without following any symlink; None if absent or unreachable."""
+    fd = open_parent_dir(root, parts)
+    if fd is None:
+        return None
+    try:
+        return os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+    except OSError:
+        return None
     finally:
         os.close(fd)
 

@@ -27,12 +27,12 @@ from layerfs.archive.apply import (
     WHITEOUT_PREFIX,
     layer_path,
     lstat_in,
+    open_parent_dir,
 )
 from layerfs.archive.tarsplit import FILE_TYPE, SEGMENT_TYPE, Crc64, iter_entries
 from layerfs.errors import ArchiveError
 
 CHUNK = 1 << 20
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 MODIFY, ADD, DELETE = 0, 1, 2
 
@@ -50,24 +50,15 @@ class Change:
 
 def _open_in(root: str, parts: Sequence[bytes], flags: int) -> int | None:
     """Open ``root/parts`` without following symlinks anywhere; None if it is not there."""
-    try:
-        fd = os.open(root, _DIR_FLAGS)
-    except OSError:
+    fd = open_parent_dir(root, parts)
+    if fd is None:
         return None
     try:
-        for comp in parts[:-1]:
-            try:
-                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
-            except OSError:
-                return None
-            os.close(fd)
-            fd = nfd
-        try:
-            return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-                return None
-            raise
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+            return None
+        raise
     finally:
         os.close(fd)
 

@@ -35,6 +35,32 @@ def result_fields(result: ApplyResult) -> dict[str, Any]:
     }
 
 
+def _filler(
+    store: Store,
+    stream: BinaryIO,
+    progress: Progress | None,
+    check: Callable[[ApplyResult], None] | None = None,
+) -> Callable[[Layer, list[str]], dict[str, Any]]:
+    """A populate/apply callback that extracts ``stream`` into the layer it is given.
+
+    It runs under the store's write lock, inside create_layer/update_layer."""
+
+    def fill(layer: Layer, lowers: list[str]) -> dict[str, Any]:
+        result = apply_tar(
+            stream,
+            store.driver.diff_dir(layer.id),
+            lower_diff_dirs=lowers,
+            tar_split_path=store.files.tar_split(layer.id),
+            whiteout_format=store.driver.whiteout_format(),
+            progress=progress,
+        )
+        if check is not None:
+            check(result)
+        return result_fields(result)
+
+    return fill
+
+
 def import_layer(
     store: Store,
     stream: BinaryIO,
@@ -51,40 +77,15 @@ def import_layer(
     then removed as if the tar had been bad. Takes the store's write lock for the whole
     import, as containers/storage does.
     """
-
-    def populate(layer: Layer, lowers: list[str]) -> dict[str, Any]:
-        result = apply_tar(
-            stream,
-            store.driver.diff_dir(layer.id),
-            lower_diff_dirs=lowers,
-            tar_split_path=store.files.tar_split(layer.id),
-            whiteout_format=store.driver.whiteout_format(),
-            progress=progress,
-        )
-        if check is not None:
-            check(result)
-        return result_fields(result)
-
-    return store.create_layer(layer_id, names=names, parent=parent, populate=populate)
+    fill = _filler(store, stream, progress, check)
+    return store.create_layer(layer_id, names=names, parent=parent, populate=fill)
 
 
 def apply_diff(
     store: Store, ref: str, stream: BinaryIO, *, progress: Progress | None = None
 ) -> Layer:
     """Apply a tar stream on top of an existing layer's contents."""
-
-    def apply(layer: Layer, lowers: list[str]) -> dict[str, Any]:
-        result = apply_tar(
-            stream,
-            store.driver.diff_dir(layer.id),
-            lower_diff_dirs=lowers,
-            tar_split_path=store.files.tar_split(layer.id),
-            whiteout_format=store.driver.whiteout_format(),
-            progress=progress,
-        )
-        return result_fields(result)
-
-    return store.update_layer(ref, apply)
+    return store.update_layer(ref, _filler(store, stream, progress))
 
 
 def _diff_inputs(store: Store, ref: str, from_ref: str | None) -> tuple[Layer, list[str], str]:
