@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import stat
 import subprocess
 import tarfile
@@ -14,28 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+from conftest import require_root, require_tool
 
 CS = "/usr/bin/containers-storage"
 
-
-def require_tool(name: str) -> str:
-    """Return the path of *name*; skip the test without it, or FAIL under CI=true."""
-    path = shutil.which(name)
-    if path is None:
-        msg = f"required tool {name!r} is not installed"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
-
-
-def require_root() -> None:
-    """Skip (or fail under CI) when not root: mknod and trusted.* xattrs need it."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("these tests need root")
-        pytest.skip("needs root")
+__all__ = ["require_root", "require_tool"]
 
 
 @dataclass

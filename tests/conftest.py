@@ -7,11 +7,13 @@ so a green run always means the interop and FUSE checks really ran.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,26 @@ def require_root() -> None:
         if IN_CI:
             pytest.fail("this test needs root")
         pytest.skip("this test needs root")
+
+
+def make_tar(entries: dict[str, bytes | None], whiteouts: Sequence[str] = ()) -> bytes:
+    """A PAX tar: empty ``.wh.`` files first, then files (bytes) and directories (None)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name in whiteouts:
+            tf.addfile(tarfile.TarInfo(name))
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                info.mode = 0o644
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 @dataclass

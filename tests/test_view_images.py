@@ -7,16 +7,14 @@ xattrs, nlink and hard-link grouping.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, LayerfsCLI, StorePaths, require_root, require_tool
+from conftest import IN_CI, LayerfsCLI, StorePaths, make_tar, require_root, require_tool
 from fs_helpers import assert_same_tree, kernel_overlay, snapshot
 from image_helpers import build_oci_image, sample_steps
 
@@ -102,21 +100,7 @@ def _minbase_tarball() -> Path:
 
 
 def _tar_of(entries: dict[str, bytes | None], whiteouts: list[str], path: Path) -> Path:
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
-        for name in whiteouts:
-            info = tarfile.TarInfo(name)
-            tf.addfile(info)
-        for name, data in entries.items():
-            info = tarfile.TarInfo(name)
-            info.mtime = 1_700_000_000
-            if data is None:
-                info.type = tarfile.DIRTYPE
-                info.mode = 0o755
-                tf.addfile(info)
-            else:
-                info.size = len(data)
-                info.mode = 0o644
-                tf.addfile(info, io.BytesIO(data))
+    path.write_bytes(make_tar(entries, whiteouts))
     return path
 
 

@@ -2,53 +2,33 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import GoTool, LayerfsCLI, StorePaths, require_root
+from conftest import GoTool, LayerfsCLI, StorePaths, make_tar, require_root
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
-
-
-def _tar(entries: dict[str, bytes | None]) -> bytes:
-    """A tar with files (bytes) and directories (None)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in entries.items():
-            info = tarfile.TarInfo(name)
-            info.mtime = 1_700_000_000
-            if data is None:
-                info.type = tarfile.DIRTYPE
-                info.mode = 0o755
-                tf.addfile(info)
-            else:
-                info.size = len(data)
-                info.mode = 0o644
-                tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 @pytest.fixture
 def chain(cli: LayerfsCLI) -> str:
     """base (a, d/x) <- top (b, .wh.a, d/y): returns the top layer's name."""
     require_root()
-    cli.run("import-layer", "--name", "base", input=_tar({"a": b"A", "d": None, "d/x": b"X"}))
+    cli.run("import-layer", "--name", "base", input=make_tar({"a": b"A", "d": None, "d/x": b"X"}))
     cli.run(
         "import-layer",
         "--name",
         "top",
         "--parent",
         "base",
-        input=_tar({"b": b"B", ".wh.a": b"", "d/y": b"Y"}),
+        input=make_tar({"b": b"B", ".wh.a": b"", "d/y": b"Y"}),
     )
     return "top"
 
