@@ -253,29 +253,14 @@ def go_json_dumps(value: Any) -> str:
     return _escape_pass(text)
 
 
+# Escapes are matched as units, left to right, so the "b" of an escaped backslash followed
+# by a literal b ("\\\\b" in the text) is never mistaken for a backspace escape.
+_NEEDS_FIXUP = re.compile(r"\\\\|\\[bf]|[<>&\u2028\u2029]")
+_FIXUPS = {"\\b": "\\u0008", "\\f": "\\u000c", "\\\\": "\\\\", **_GO_ESCAPES}
+
+
 def _escape_pass(text: str) -> str:
-    out: list[str] = []
-    i = 0
-    n = len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\" and i + 1 < n:
-            nxt = text[i + 1]
-            if nxt == "b":
-                out.append("\\u0008")
-            elif nxt == "f":
-                out.append("\\u000c")
-            elif nxt == "u":
-                out.append(text[i : i + 6].lower())
-                i += 6
-                continue
-            else:
-                out.append(text[i : i + 2])
-            i += 2
-            continue
-        out.append(_GO_ESCAPES.get(ch, ch))
-        i += 1
-    return "".join(out)
+    return _NEEDS_FIXUP.sub(lambda m: _FIXUPS[m.group(0)], text)
 
 
 def encode_layers(layers: list[Layer]) -> bytes:
