@@ -17,6 +17,7 @@ import gzip
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -112,7 +113,7 @@ def decode_entry(line: bytes) -> Entry:
         payload = None if raw_payload is None else base64.b64decode(raw_payload, validate=True)
         size = int(obj.get("size") or 0)
         position = int(obj.get("position") or 0)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:  # Overflow: int(1e999)
         raise ArchiveError(f"tar-split: malformed entry: {exc}") from exc
     if etype not in (FILE_TYPE, SEGMENT_TYPE) or size < 0:
         raise ArchiveError(f"tar-split: malformed entry of type {etype}")
@@ -188,7 +189,7 @@ def iter_entries(path: str) -> Iterator[Entry]:
             for line in f:
                 if line.strip():
                     yield decode_entry(line)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a corrupt deflate stream
         if isinstance(exc, FileNotFoundError):
             raise
         if isinstance(exc, OSError) and exc.errno is not None:

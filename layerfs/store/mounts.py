@@ -63,6 +63,8 @@ class MountTable:
         for item in decoded:
             if not isinstance(item, dict) or not isinstance(item.get("id"), str):
                 raise CorruptStoreError(f"{self.path}: malformed entry {item!r:.80}")
+            if "/" in item["id"] or item["id"] in ("", ".", ".."):  # ids name files (locks)
+                raise CorruptStoreError(f"{self.path}: unsafe layer id in {item!r:.80}")
             count = item.get("count", 0)
             path = item.get("path", "")
             if not isinstance(count, int) or not isinstance(path, str):

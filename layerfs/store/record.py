@@ -141,6 +141,10 @@ class Layer:
         layer_id = obj.get("id")
         if not isinstance(layer_id, str) or not layer_id:
             raise CorruptStoreError(f"{source}: a layer record has no id: {obj!r:.120}")
+        if "/" in layer_id or "\0" in layer_id or layer_id in (".", ".."):
+            # the id names directories (overlay/<id>, overlay-layers/<id>) that a repair or a
+            # delete removes: a path-like id would reach outside the store
+            raise CorruptStoreError(f'{source}: layer id "{layer_id:.80}" is not a safe file name')
 
         def get(key: str, kind: type | tuple[type, ...], default: Any) -> Any:
             value = obj.get(key, default)
