@@ -258,7 +258,8 @@ def _recorded(paths: StorePaths) -> dict[str, tuple[str, int]]:
 def check_mounts(cli: LayerfsCLI, paths: StorePaths) -> tuple[dict[str, int], set[str]]:
     """After ``layerfs ps`` repairs: records == live FUSE mounts == running daemons.
 
-    Returns the counts and the live FUSE mounts that no record owns (see KNOWN_LEAK)."""
+    Returns the counts and the live FUSE mounts that no record owns (there must be none:
+    the manager records a mount before its daemon starts)."""
     deadline = time.monotonic() + 60  # a daemon orphaned by a killed mount may still start
     while len(daemon_pids(paths.root)) != len(mounts_below(paths.root, "fuse")):
         assert time.monotonic() < deadline, "daemons and mounts never settled"
@@ -283,12 +284,6 @@ def _clean_leak(path: str) -> None:
     for pid in pids:
         if not wait_gone(pid, 5):
             os.kill(pid, signal.SIGKILL)
-
-
-# layerfs/fs/manager.py MountManager.mount: the daemon is spawned (and the FUSE mount live)
-# before mountpoints.json records it; a mount killed in between leaves a live mount and daemon
-# that no record owns, and neither `ps`, `mounted` nor `unmount` ever finds them.
-KNOWN_LEAK = "killed `layerfs mount` leaves an unrecorded live mount + daemon"
 
 
 def test_sigkill_during_mount_and_unmount(
@@ -322,11 +317,7 @@ def test_sigkill_during_mount_and_unmount(
                     assert proc.returncode == 0, err.decode()
                     fig.ops += 1
                 counts, leaked = check_mounts(cli, paths)
-                if leaked:
-                    merged = os.path.join(paths.root, "overlay", lid, "merged")
-                    assert killed and op == "mount" and leaked == {merged}, f"leak: {leaked}"
-                    fig.notes["known_leaks"] = int(fig.notes.get("known_leaks", 0)) + 1  # type: ignore[call-overload]
-                    _clean_leak(merged)
+                assert not leaked, f"{op} {'killed' if killed else 'done'}: unrecorded {leaked}"
                 step = 1 if op == "mount" else -1
                 want = max(0, expected[lid] + step)
                 got = counts.get(lid, 0)
@@ -351,7 +342,6 @@ def test_sigkill_during_mount_and_unmount(
 
 
 @pytest.mark.fuse
-@pytest.mark.xfail(strict=True, reason=KNOWN_LEAK + " (bug in layerfs/fs/manager.py)")
 def test_mount_killed_after_the_daemon_is_up_leaks_nothing(
     cli: LayerfsCLI, paths: StorePaths
 ) -> None:

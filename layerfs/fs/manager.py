@@ -11,8 +11,15 @@ Locks, outermost first:
    layerfs processes take. It makes N concurrent ``mount`` calls of one layer start exactly
    one daemon. ``flock`` does not exclude Go processes, which is fine here: Go never
    starts our daemons, and the shared counts below are under the fcntl lock.
-2. ``layers.lock`` (read), then ``mountpoints.lock`` (write): taken for short updates only,
+2. ``layers.lock`` (shared), then ``mountpoints.lock`` (write), for short updates only,
    never while a daemon builds its index, so Go processes are not held up by a slow mount.
+   ``layers.lock`` matters: containers-storage 1.43 loads mountpoints.json when it opens
+   the store and rewrites it from that copy whenever it saves, all under ``layers.lock``;
+   an update made while it held only that lock would be overwritten.
+
+A mount is recorded (count + 1 at its path) *before* its daemon starts, and undone if the
+start fails. A ``mount`` killed in between leaves either a live view with its record, or a
+record whose path is not mounted, which the next repair resets: never a view nobody knows.
 
 Repairs done on the way (each mount, unmount, mounted and ps): a recorded FUSE mount
 whose daemon died ("transport endpoint is not connected", or a dead pid) is detached and
@@ -88,6 +95,12 @@ class MountManager:
         return self.resolve(target)
 
     @contextlib.contextmanager
+    def _counts(self) -> Iterator[dict[str, MountRecord]]:
+        """The mount table for update, under ``layers.lock`` (shared) and ``mountpoints.lock``."""
+        with self.store.lock.read(), self.store.mount_table.update() as table:
+            yield table
+
+    @contextlib.contextmanager
     def _layer_lock(self, layer_id: str) -> Iterator[None]:
         os.makedirs(self.locks_dir, mode=0o700, exist_ok=True)
         with FileLock(os.path.join(self.locks_dir, f"{layer_id}.lock")):
@@ -98,13 +111,16 @@ class MountManager:
     def _daemon_file(self, layer_id: str) -> str:
         return os.path.join(self.daemons_dir, f"{layer_id}.json")
 
-    def _daemon_pid(self, layer_id: str) -> int | None:
+    def _daemon_pid(self, layer_id: str, path: str | None = None) -> int | None:
+        """The recorded daemon pid, else (given the view's path) the one found in /proc."""
         try:
             with open(self._daemon_file(layer_id)) as f:
                 pid = json.load(f).get("pid")
         except (OSError, ValueError):
-            return None
-        return pid if isinstance(pid, int) else None
+            pid = None
+        if isinstance(pid, int):
+            return pid
+        return fuse_mount.find_daemon_pid(path) if path else None
 
     def _save_daemon(self, layer_id: str, pid: int, path: str) -> None:
         os.makedirs(self.daemons_dir, mode=0o700, exist_ok=True)
@@ -163,7 +179,7 @@ class MountManager:
         """Mount (or add a user to) the layer's view. Returns (layer id, path, count)."""
         layer_id = self.resolve(target)
         with self._layer_lock(layer_id):
-            with self.store.mount_table.update() as table:
+            with self._counts() as table:
                 live = self._repair(table, layer_id)
                 if live is not None:
                     if mountpoint and os.path.realpath(mountpoint) != os.path.realpath(live.path):
@@ -179,24 +195,25 @@ class MountManager:
             self._check_mountpoint(path, diff_dirs)
             os.makedirs(path, mode=0o700, exist_ok=True)
             os.makedirs(self.logs_dir, mode=0o700, exist_ok=True)
-            pid = fuse_mount.spawn_daemon(
-                diff_dirs,
-                [la.id for la in chain],
-                path,
-                index_path=os.path.join(self.store.driver.layer_dir(layer_id), INDEX_FILE),
-                log_path=os.path.join(self.logs_dir, f"{layer_id}.log"),
-                allow_other=allow_other,
-                for_container=for_container,
-                debug=debug,
-            )
+            self._drop_daemon(layer_id)
+            with self._counts() as table:
+                table[layer_id] = MountRecord(layer_id, path, 1)
             try:
-                self._save_daemon(layer_id, pid, path)
-                with self.store.mount_table.update() as table:
-                    table[layer_id] = MountRecord(layer_id, path, 1)
+                pid = fuse_mount.spawn_daemon(
+                    diff_dirs,
+                    [la.id for la in chain],
+                    path,
+                    index_path=os.path.join(self.store.driver.layer_dir(layer_id), INDEX_FILE),
+                    log_path=os.path.join(self.logs_dir, f"{layer_id}.log"),
+                    allow_other=allow_other,
+                    for_container=for_container,
+                    debug=debug,
+                )
             except BaseException:
-                fuse_mount.unmount(path, pid)
-                self._drop_daemon(layer_id)
+                with self._counts() as table:
+                    table.pop(layer_id, None)
                 raise
+            self._save_daemon(layer_id, pid, path)
             return layer_id, path, 1
 
     def _check_mountpoint(self, path: str, diff_dirs: list[str]) -> None:
@@ -226,7 +243,7 @@ class MountManager:
         with count 0, as containers-storage does.
         """
         layer_id = self._resolve_target_or_path(target)
-        with self._layer_lock(layer_id), self.store.mount_table.update() as table:
+        with self._layer_lock(layer_id), self._counts() as table:
             record = self._repair(table, layer_id)
             if record is None:
                 return layer_id, 0
@@ -235,7 +252,7 @@ class MountManager:
             if record.count > 1:
                 record.count -= 1
                 return layer_id, record.count
-            fuse_mount.unmount(record.path, self._daemon_pid(layer_id))
+            fuse_mount.unmount(record.path, self._daemon_pid(layer_id, record.path))
             del table[layer_id]
             self._drop_daemon(layer_id)
             if record.path == self.store.driver.merged_dir(layer_id):
@@ -246,7 +263,7 @@ class MountManager:
     def mounted(self, target: str) -> int:
         """The layer's mount count after repairing dead or stale records."""
         layer_id = self.resolve(target)
-        with self._layer_lock(layer_id), self.store.mount_table.update() as table:
+        with self._layer_lock(layer_id), self._counts() as table:
             record = self._repair(table, layer_id)
             return record.count if record else 0
 
@@ -258,29 +275,23 @@ class MountManager:
             return
         if layer_id not in self.store.mount_table.snapshot():
             return
-        with self._layer_lock(layer_id), self.store.mount_table.update() as table:
+        with self._layer_lock(layer_id), self._counts() as table:
             self._repair(table, layer_id)
 
     def ps(self) -> list[MountInfo]:
         """Every recorded view, after repairing dead and stale ones."""
-        out = []
+        live: list[MountRecord] = []
         for layer_id in list(self.store.mount_table.snapshot()):
-            with self._layer_lock(layer_id), self.store.mount_table.update() as table:
+            with self._layer_lock(layer_id), self._counts() as table:
                 record = self._repair(table, layer_id)
-                if record is None:
-                    continue
-                try:
-                    names = tuple(self.store.get(layer_id).names)
-                except LayerUnknownError:
-                    names = ()
-                out.append(
-                    MountInfo(
-                        layer_id,
-                        names,
-                        record.path,
-                        record.count,
-                        self._daemon_pid(layer_id),
-                        "live",
-                    )
-                )
+                if record is not None:
+                    live.append(MountRecord(record.id, record.path, record.count))
+        out = []
+        for record in live:  # outside the locks: a store read may need the write lock
+            try:
+                names = tuple(self.store.get(record.id).names)
+            except LayerUnknownError:
+                names = ()
+            pid = self._daemon_pid(record.id, record.path)
+            out.append(MountInfo(record.id, names, record.path, record.count, pid, "live"))
         return out

@@ -22,6 +22,7 @@ from layerfs.mountinfo import is_mountpoint, mounts
 __all__ = [
     "daemon_pid_alive",
     "detach",
+    "find_daemon_pid",
     "is_dead_fuse_mount",
     "is_mountpoint",
     "mountinfo",
@@ -191,6 +192,23 @@ def detach(path: str) -> bool:
             return True
         raise MountError(f"detaching {path} failed: {r.stderr.strip()}")
     raise MountError(f"detaching {path} failed: {os.strerror(err)}")
+
+
+def find_daemon_pid(mountpoint: str) -> int | None:
+    """The pid of the layerfs daemon serving *mountpoint*, found in /proc (for views whose
+    pid was never recorded, e.g. when the mounting command was killed)."""
+    target = os.fsencode(os.path.abspath(mountpoint))
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"layerfs.fs.daemon" in argv and target in argv:
+            return int(entry)
+    return None
 
 
 def daemon_pid_alive(pid: int) -> bool:
