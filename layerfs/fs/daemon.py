@@ -108,7 +108,10 @@ async def _serve(mountpoint: str, read_ahead_kb: int, ready: _Ready) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals)
         nursery.start_soon(_announce, mountpoint, read_ahead_kb, ready)
-        await pyfuse3.main()
+        # One worker task: every handler is a short blocking call that never awaits, so
+        # more tasks add trio scheduling per request without serving anything in parallel
+        # (measured: warm ls -laR -15%, tar -20%, find -25% on a 21k-entry chain).
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
 

@@ -49,7 +49,7 @@ class UnionOperations(pyfuse3.Operations):
 
     supports_dot_lookup = True
     enable_writeback_cache = False
-    enable_acl = False
+    enable_acl = True  # the kernel then enforces POSIX ACLs stored in layers, as overlayfs does
 
     def __init__(self, index: UnionIndex, layer_ids: Sequence[str] | None = None) -> None:
         super().__init__()
@@ -62,6 +62,8 @@ class UnionOperations(pyfuse3.Operations):
             os.fsencode(ids[i]) if ids else index.diff_dirs[i] for i in range(n)
         ]
         self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        self._handles: dict[int, list[int]] = {}  # fh -> [inode, backing fd or -1]
+        self._next_fh = 1
         self.lookups: dict[int, int] = {}
         self._negative = pyfuse3.EntryAttributes()
         self._negative.st_ino = 0
@@ -202,10 +204,17 @@ class UnionOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise _erofs()
-        row = self.index.row_of(inode)
-        if row is None:
+        if self.index.row_of(inode) is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        path = self.index.backing_path(inode)
+        # The backing file is opened on the first read: with keep_cache a warm file is served
+        # from the page cache and never reaches read(), so most opens cost no syscall at all.
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = [inode, -1]
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    def _backing_fd(self, handle: list[int]) -> int:
+        path = self.index.backing_path(handle[0])
         base = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             try:
@@ -215,25 +224,25 @@ class UnionOperations(pyfuse3.Operations):
         except OSError as e:
             log.warning("open %r: %s", path, e)
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        return pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=False)
+        handle[1] = fd
+        return fd
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles[fh]
+        fd = handle[1] if handle[1] >= 0 else self._backing_fd(handle)
         try:
-            return os.pread(fh, size, off)
+            return os.pread(fd, size, off)
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
 
-    async def flush(self, fh: int) -> None:
-        return None
-
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        return None
-
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None
+    # flush, fsync and fsyncdir are left to the base class, which answers ENOSYS: the kernel
+    # then stops sending them (a read-only view has nothing to flush), saving one request
+    # per close(2).
 
     async def release(self, fh: int) -> None:
-        os.close(fh)
+        handle = self._handles.pop(fh, None)
+        if handle is not None and handle[1] >= 0:
+            os.close(handle[1])
 
     # -- every write: EROFS -----------------------------------------------------------------
     async def setattr(
