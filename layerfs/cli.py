@@ -77,10 +77,12 @@ def _show_created(layer: Layer, as_json: bool) -> None:
 
 @_command("layers")
 def _layers(store: Store, args: argparse.Namespace) -> int:
-    layers = store.layers()
     if args.json:
-        _print_json([la.to_json_obj() for la in layers])
-    elif args.tree:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(store.layers_json() + b"\n")
+        return 0
+    layers = store.layers()
+    if args.tree:
         _print_tree(layers)
     else:
         for layer in layers:

@@ -346,6 +346,11 @@ class Store:
         with self._reading():
             return [_copy(la) for la in self._layers]
 
+    def layers_json(self) -> bytes:
+        """All records as one JSON array in the Go encoding (no copies: for listings)."""
+        with self._reading():
+            return encode_layers(self._layers)
+
     def is_volatile(self, ref: str) -> bool:
         """Whether the layer is kept in volatile-layers.json."""
         with self._reading():
@@ -743,17 +748,13 @@ class Store:
 
 
 def _copy(layer: Layer) -> Layer:
-    return Layer(**{**layer.__dict__, **_deep_lists(layer)})
-
-
-def _deep_lists(layer: Layer) -> dict[str, Any]:
-    return {
-        "names": list(layer.names),
-        "uidset": list(layer.uidset),
-        "gidset": list(layer.gidset),
-        "flags": dict(layer.flags),
-        "uidmap": [dict(m) for m in layer.uidmap],
-        "gidmap": [dict(m) for m in layer.gidmap],
-        "big_data_names": list(layer.big_data_names),
-        "extra": dict(layer.extra),
-    }
+    """A copy whose lists and dicts can be changed without touching the store's record."""
+    new = object.__new__(Layer)
+    state = new.__dict__
+    state.update(layer.__dict__)
+    for key, value in state.items():
+        if isinstance(value, list):
+            state[key] = list(value)
+        elif isinstance(value, dict):
+            state[key] = dict(value)
+    return new

@@ -146,51 +146,68 @@ class Layer:
             # delete removes: a path-like id would reach outside the store
             raise CorruptStoreError(f'{source}: layer id "{layer_id:.80}" is not a safe file name')
 
-        def get(key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-            value = obj.get(key, default)
+        fields: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        value: Any
+        for key, value in obj.items():
+            spec = _FIELD_SPECS.get(key)
+            if spec is None:
+                if key != "id":
+                    extra[key] = value
+                continue
+            attr, kind = spec
             if value is None:
-                return default
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                continue
+            if type(value) is not kind:  # bool is not int, float is not int: exact types
                 raise CorruptStoreError(
                     f'{source}: layer "{layer_id}": key "{key}" has the wrong type: {value!r:.80}'
                 )
-            return value
+            if kind is list:
+                value = list(value)
+                want = _LIST_ITEM_TYPES[key]
+                if want is not None and any(type(x) is not want for x in value):
+                    raise CorruptStoreError(
+                        f'{source}: layer "{layer_id}": "{key}" holds a non-{want.__name__}'
+                    )
+            elif kind is dict:
+                value = dict(value)
+            fields[attr] = value
+        created = fields.get("created", ZERO_TIME)
+        if not _CREATED_RE.match(created):
+            raise CorruptStoreError(
+                f'{source}: layer "{layer_id}": not an RFC 3339 time: {created!r:.60}'
+            )
+        return cls(id=layer_id, extra=extra, **fields)
 
-        created = get("created", str, ZERO_TIME)
-        parse_created_ns(created, source=f'{source}: layer "{layer_id}"')
-        layer = cls(
-            id=layer_id,
-            names=list(get("names", list, [])),
-            parent=get("parent", str, ""),
-            metadata=get("metadata", str, ""),
-            mountlabel=get("mountlabel", str, ""),
-            created=created,
-            compressed_diff_digest=get("compressed-diff-digest", str, ""),
-            compressed_size=get("compressed-size", int, 0),
-            diff_digest=get("diff-digest", str, ""),
-            toc_digest=get("toc-digest", str, ""),
-            diff_size=get("diff-size", int, 0),
-            compression=get("compression", int, 0),
-            uidset=list(get("uidset", list, [])),
-            gidset=list(get("gidset", list, [])),
-            flags=dict(get("flags", dict, {})),
-            uidmap=list(get("uidmap", list, [])),
-            gidmap=list(get("gidmap", list, [])),
-            big_data_names=list(get("big-data-names", list, [])),
-            extra={k: v for k, v in obj.items() if k not in RECORD_KEYS},
-        )
-        for key, items in (
-            ("names", layer.names),
-            ("big-data-names", layer.big_data_names),
-        ):
-            if not all(isinstance(x, str) for x in items):
-                raise CorruptStoreError(f'{source}: layer "{layer_id}": "{key}" holds a non-string')
-        for key, ints in (("uidset", layer.uidset), ("gidset", layer.gidset)):
-            if not all(isinstance(x, int) and not isinstance(x, bool) for x in ints):
-                raise CorruptStoreError(
-                    f'{source}: layer "{layer_id}": "{key}" holds a non-integer'
-                )
-        return layer
+
+#: JSON key -> (attribute, exact JSON type) for every known key but "id".
+_FIELD_SPECS: dict[str, tuple[str, type]] = {
+    "names": ("names", list),
+    "parent": ("parent", str),
+    "metadata": ("metadata", str),
+    "mountlabel": ("mountlabel", str),
+    "created": ("created", str),
+    "compressed-diff-digest": ("compressed_diff_digest", str),
+    "compressed-size": ("compressed_size", int),
+    "diff-digest": ("diff_digest", str),
+    "toc-digest": ("toc_digest", str),
+    "diff-size": ("diff_size", int),
+    "compression": ("compression", int),
+    "uidset": ("uidset", list),
+    "gidset": ("gidset", list),
+    "flags": ("flags", dict),
+    "uidmap": ("uidmap", list),
+    "gidmap": ("gidmap", list),
+    "big-data-names": ("big_data_names", list),
+}
+_LIST_ITEM_TYPES: dict[str, type | None] = {
+    "names": str,
+    "big-data-names": str,
+    "uidset": int,
+    "gidset": int,
+    "uidmap": None,
+    "gidmap": None,
+}
 
 
 def new_layer_id() -> str:
