@@ -162,14 +162,14 @@ class Layer:
                 raise CorruptStoreError(
                     f'{source}: layer "{layer_id}": key "{key}" has the wrong type: {value!r:.80}'
                 )
-            if kind is list:
+            if isinstance(value, list):
                 value = list(value)
                 want = _LIST_ITEM_TYPES[key]
                 if want is not None and any(type(x) is not want for x in value):
                     raise CorruptStoreError(
                         f'{source}: layer "{layer_id}": "{key}" holds a non-{want.__name__}'
                     )
-            elif kind is dict:
+            elif isinstance(value, dict):
                 value = dict(value)
             fields[attr] = value
         created = fields.get("created", ZERO_TIME)
