@@ -20,6 +20,7 @@ that looks complete but is not.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -28,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from layerfs.errors import (
     AmbiguousLayerError,
@@ -46,7 +47,6 @@ from layerfs.errors import (
 )
 from layerfs.mountinfo import fs_type_of, is_mountpoint
 from layerfs.store import bigdata
-from layerfs.store.images import ImageRecords
 from layerfs.store.jsonfile import atomic_write, mtime_ns, read_optional
 from layerfs.store.lockfile import HeldLock, LastWrite, LockFile
 from layerfs.store.mounts import MountTable
@@ -59,6 +59,9 @@ from layerfs.store.record import (
     format_created,
     new_layer_id,
 )
+
+if TYPE_CHECKING:
+    from layerfs.store.images import ImageRecords
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +143,6 @@ class Store:
         self.read_only = read_only
         self.driver = OverlayLayout(self.files.root)
         self.mount_table = MountTable(self.files.runroot_layers_dir, read_only=read_only)
-        self.images = ImageRecords(self.files.root, read_only=read_only)
         self._mutex = threading.RLock()
         self._layers: list[Layer] = []
         self._volatile: set[str] = set()
@@ -154,6 +156,13 @@ class Store:
         elif not os.path.isdir(self.files.layers_dir):
             raise LayerfsError(f"{self.files.layers_dir}: no layer store here")
         self.lock = LockFile(self.files.lock, read_only=read_only)
+
+    @functools.cached_property
+    def images(self) -> ImageRecords:
+        """The image records of this graph root (imported on first use)."""
+        from layerfs.store.images import ImageRecords
+
+        return ImageRecords(self.files.root, read_only=self.read_only)
 
     @property
     def root(self) -> str:
