@@ -212,14 +212,25 @@ def find_daemon_pid(mountpoint: str) -> int | None:
 
 
 def daemon_pid_alive(pid: int) -> bool:
-    """True if process *pid* exists and is not a zombie."""
+    """True while any thread of process *pid* is alive (not a zombie).
+
+    A killed multi-threaded process shows its leader as a zombie while other threads are
+    still exiting and still hold the FUSE connection open, so the leader alone is not enough.
+    """
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        tids = os.listdir(f"/proc/{pid}/task")
     except (FileNotFoundError, ProcessLookupError):
         return False
-    state = data[data.rindex(b")") + 2 : data.rindex(b")") + 3]
-    return state not in (b"Z", b"X")
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                data = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        end = data.rindex(b")")
+        if data[end + 2 : end + 3] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
