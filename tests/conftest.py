@@ -44,8 +44,11 @@ def require_root() -> None:
         pytest.skip("this test needs root")
 
 
-def make_tar(entries: dict[str, bytes | None], whiteouts: Sequence[str] = ()) -> bytes:
-    """A PAX tar: empty ``.wh.`` files first, then files (bytes) and directories (None)."""
+def make_tar(
+    entries: dict[str, bytes | None], whiteouts: Sequence[str] = (), *, mode: int = 0o644
+) -> bytes:
+    """A PAX tar: empty ``.wh.`` files first, then files (bytes, ``mode``) and directories
+    (None, 0755)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for name in whiteouts:
@@ -59,7 +62,7 @@ def make_tar(entries: dict[str, bytes | None], whiteouts: Sequence[str] = ()) ->
                 tf.addfile(info)
             else:
                 info.size = len(data)
-                info.mode = 0o644
+                info.mode = mode
                 tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from conftest import make_tar as make_tar  # re-exported: one tar builder for every suite
+
 STRESS = int(os.environ.get("LAYERFS_STRESS", "0") or "0")
 
 
@@ -73,23 +75,6 @@ def figures(kind: str) -> Iterator[Figures]:
 
 # ------------------------------------------------------------------------------ tars
 
-
-def make_tar(entries: dict[str, bytes | None], *, mode: int = 0o644) -> bytes:
-    """A PAX tar of files (bytes) and directories (None)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in entries.items():
-            info = tarfile.TarInfo(name)
-            info.mtime = 1_700_000_000
-            if data is None:
-                info.type = tarfile.DIRTYPE
-                info.mode = 0o755
-                tf.addfile(info)
-            else:
-                info.size = len(data)
-                info.mode = mode
-                tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def tar_of_tree(top: str, arcname: str, limit: int) -> bytes:

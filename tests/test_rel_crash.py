@@ -22,6 +22,7 @@ import time
 import pytest
 
 from conftest import GoTool, LayerfsCLI, StorePaths, require_root
+from layerfs.store.jsonfile import SpaceReserve
 from layerfs.store.layers import Store
 from rel_helpers import daemon_pids, figures, make_tar, mounts_below, scaled, wait_gone
 
@@ -196,7 +197,7 @@ def check_store(paths: StorePaths, go: GoTool) -> tuple[Store, dict[str, set[str
     for lid in present:
         with open(os.path.join(home, lid, "link")) as f:
             assert os.path.islink(os.path.join(home, "l", f.read().strip()))
-    allowed = {"layers.json", "volatile-layers.json", "layers.lock"}
+    allowed = {"layers.json", "volatile-layers.json", "layers.lock", SpaceReserve.NAME}
     allowed |= set(present) | {f"{lid}.tar-split.gz" for lid in present}
     extra = set(os.listdir(store.files.layers_dir)) - allowed
     assert not extra, f"left after gc: {extra}"

@@ -86,3 +86,55 @@ def mtime_ns(path: str) -> int:
         return os.stat(path).st_mtime_ns
     except FileNotFoundError:
         return 0
+
+
+class SpaceReserve:
+    """A preallocated file that a delete can give up when the disk is full.
+
+    Deleting must work on a full disk (it is how users get space back), but a delete first
+    saves the record flagged ``incomplete``, and that atomic save needs room for a temp
+    file. The reserve — at least 256 KiB, or twice the size of ``layers.json`` plus 64 KiB,
+    allocated with ``fallocate`` so it really holds blocks — is made once per store, given up
+    for that save, and refilled (best effort) after the delete. Go ignores the file; ``gc``
+    keeps it.
+    """
+
+    NAME = ".layerfs-reserve"
+    SLACK = 64 * 1024
+    MINIMUM = 256 * 1024
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def refill(self, layers_json: str, *, only_if_missing: bool = False) -> None:
+        """Grow the reserve to its target size if it is smaller; failures are ignored.
+
+        With ``only_if_missing`` an existing reserve is left as it is, so opening a store
+        changes nothing in it once the reserve exists.
+        """
+        if only_if_missing and os.path.exists(self.path):
+            return
+        try:
+            want = max(self.MINIMUM, 2 * os.stat(layers_json).st_size + self.SLACK)
+        except OSError:
+            want = self.MINIMUM
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return
+        try:
+            if os.fstat(fd).st_size < want:
+                os.posix_fallocate(fd, 0, want)
+        except OSError:
+            pass  # a full disk: try again after the next save
+        finally:
+            os.close(fd)
+
+    def release(self) -> bool:
+        """Free the reserve; True if there was one to free."""
+        try:
+            size = os.stat(self.path).st_size
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return False
+        return size > 0

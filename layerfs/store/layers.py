@@ -20,6 +20,7 @@ that looks complete but is not.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -47,7 +48,13 @@ from layerfs.errors import (
 )
 from layerfs.mountinfo import fs_type_of, is_mountpoint
 from layerfs.store import bigdata
-from layerfs.store.jsonfile import atomic_write, mtime_ns, read_optional
+from layerfs.store.jsonfile import (
+    SpaceReserve,
+    StoreWriteError,
+    atomic_write,
+    mtime_ns,
+    read_optional,
+)
 from layerfs.store.lockfile import HeldLock, LastWrite, LockFile
 from layerfs.store.mounts import MountTable
 from layerfs.store.overlay import DRIVER, OverlayLayout, remove_tree
@@ -153,9 +160,14 @@ class Store:
         self._needs_repair = False
         if not read_only:
             self._ensure_dirs()
+            self._space_reserve.refill(self.files.stable, only_if_missing=True)
         elif not os.path.isdir(self.files.layers_dir):
             raise LayerfsError(f"{self.files.layers_dir}: no layer store here")
         self.lock = LockFile(self.files.lock, read_only=read_only)
+
+    @functools.cached_property
+    def _space_reserve(self) -> SpaceReserve:
+        return SpaceReserve(os.path.join(self.files.layers_dir, SpaceReserve.NAME))
 
     @functools.cached_property
     def images(self) -> ImageRecords:
@@ -676,12 +688,24 @@ class Store:
             return layer.id
 
     def _delete_unlocked(self, held: HeldLock, layer: Layer) -> None:
-        """Flag, remove data, drop the record. Caller holds the write lock."""
+        """Flag, remove data, drop the record. Caller holds the write lock.
+
+        On a full disk the flag cannot be saved (the atomic write needs a temp file), and
+        freeing data first would lose the crash guarantee; the space reserve is given up
+        instead, and taken again once the delete has freed space.
+        """
         layer.flags[INCOMPLETE_FLAG] = True
-        self._save_for(held, layer)
+        try:
+            self._save_for(held, layer)
+        except StoreWriteError as exc:
+            if exc.errno != errno.ENOSPC or not self._space_reserve.release():
+                layer.flags.pop(INCOMPLETE_FLAG, None)
+                raise
+            self._save_for(held, layer)
         self._remove_layer_data(layer.id)
         self._forget(layer)
         self._save_for(held, layer)
+        self._space_reserve.refill(self.files.stable)
 
     def wipe(self) -> list[str]:
         """Delete every layer, newest first; refused while any view is mounted."""
