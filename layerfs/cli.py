@@ -50,6 +50,15 @@ def _print_json(value: Any) -> None:
     _out(go_json_dumps(value))
 
 
+def _print_lines(items: Sequence[str], as_json: bool) -> None:
+    """One item a line, or a JSON array."""
+    if as_json:
+        _print_json(list(items))
+    else:
+        for item in items:
+            _out(item)
+
+
 # --------------------------------------------------------------------- layer commands
 
 
@@ -176,22 +185,14 @@ def _delete_layer(store: Store, args: argparse.Namespace) -> int:
 @_command("names")
 def _names(store: Store, args: argparse.Namespace) -> int:
     layer = store.get(args.layer)
-    if args.json:
-        _print_json(layer.names)
-    else:
-        for name in layer.names:
-            _out(name)
+    _print_lines(layer.names, args.json)
     return 0
 
 
 def _names_changer(method: str) -> Handler:
     def run(store: Store, args: argparse.Namespace) -> int:
         layer = getattr(store, method)(args.layer, args.name)
-        if args.json:
-            _print_json(layer.names)
-        else:
-            for name in layer.names:
-                _out(name)
+        _print_lines(layer.names, args.json)
         return 0
 
     return run
@@ -230,11 +231,7 @@ def _set_metadata(store: Store, args: argparse.Namespace) -> int:
 @_command("list-layer-data")
 def _list_layer_data(store: Store, args: argparse.Namespace) -> int:
     names = store.big_data_names(args.layer)
-    if args.json:
-        _print_json(names)
-    else:
-        for name in names:
-            _out(name)
+    _print_lines(names, args.json)
     return 0
 
 
