@@ -218,17 +218,9 @@ class Bench:
 
     @staticmethod
     def fuse_pid(mnt: str) -> int | None:
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if argv and argv[0].endswith(b"fuse-overlayfs") and mnt.encode() in argv:
-                return int(d)
-        return None
+        from layerfs.fs.mount import find_mount_process
+
+        return find_mount_process(mnt, b"fuse-overlayfs")
 
     def unmount(self, mnt: str) -> None:
         system = self.mounted.get(mnt)

@@ -23,6 +23,7 @@ __all__ = [
     "daemon_pid_alive",
     "detach",
     "find_daemon_pid",
+    "find_mount_process",
     "is_dead_fuse_mount",
     "is_mountpoint",
     "mountinfo",
@@ -194,9 +195,9 @@ def detach(path: str) -> bool:
     raise MountError(f"detaching {path} failed: {os.strerror(err)}")
 
 
-def find_daemon_pid(mountpoint: str) -> int | None:
-    """The pid of the layerfs daemon serving *mountpoint*, found in /proc (for views whose
-    pid was never recorded, e.g. when the mounting command was killed)."""
+def find_mount_process(mountpoint: str, program: bytes) -> int | None:
+    """The pid of a process whose command line names *program* and *mountpoint* (a FUSE
+    server found in /proc when its pid was never recorded)."""
     target = os.fsencode(os.path.abspath(mountpoint))
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -206,9 +207,15 @@ def find_daemon_pid(mountpoint: str) -> int | None:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"layerfs.fs.daemon" in argv and target in argv:
+        if target in argv and any(arg.endswith(program) for arg in argv):
             return int(entry)
     return None
+
+
+def find_daemon_pid(mountpoint: str) -> int | None:
+    """The pid of the layerfs daemon serving *mountpoint* (e.g. when the mounting command was
+    killed before it recorded the pid)."""
+    return find_mount_process(mountpoint, b"layerfs.fs.daemon")
 
 
 def daemon_pid_alive(pid: int) -> bool:
