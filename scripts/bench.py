@@ -458,6 +458,35 @@ class Bench:
             os.makedirs(d)
         return g, r
 
+    def store_op(
+        self,
+        who: str,
+        g: str,
+        r: str,
+        args: tuple[str, ...],
+        go_args: tuple[str, ...],
+        *,
+        workload: str,
+        rep: int,
+        phase: str = "op",
+        **extra: Any,
+    ) -> subprocess.CompletedProcess:
+        """Run one store command with layerfs (``args``) or Go (``go_args``), timed and
+        recorded; returns the finished process."""
+        cmd = self.lfs(*args, g=g, r=r) if who == "layerfs" else self.go(g, r, *go_args)
+        dt, res = timed(cmd)
+        self.record(
+            rep=rep,
+            chain="store",
+            workload=workload,
+            system=who,
+            phase=phase,
+            s=dt,
+            rc=res.returncode,
+            **extra,
+        )
+        return res
+
     def run_store(self) -> None:
         wls = [w for w in STORE_WORKLOADS if w in self.args.workloads]
         quick = self.args.quick
@@ -476,20 +505,14 @@ class Bench:
                             while f.read(1 << 22):
                                 pass
                         os.sync()
-                        cmd = (
-                            self.lfs("import-layer", tar, g=g, r=r)
-                            if who == "layerfs"
-                            else self.go(g, r, "import-layer", "-f", tar)
-                        )
-                        dt, res = timed(cmd)
-                        self.record(
-                            rep=rep,
-                            chain="store",
+                        self.store_op(
+                            who,
+                            g,
+                            r,
+                            ("import-layer", tar),
+                            ("import-layer", "-f", tar),
                             workload="import",
-                            system=who,
-                            phase="op",
-                            s=dt,
-                            rc=res.returncode,
+                            rep=rep,
                             bytes=size,
                         )
                         if who == "go":
@@ -501,22 +524,17 @@ class Bench:
             for rep in range(self.args.repeat):
                 order = ("layerfs", "go") if rep % 2 == 0 else ("go", "layerfs")
                 for who in order:
-                    cmd = (
-                        self.lfs("layers", "--json", g=g, r=r)
-                        if who == "layerfs"
-                        else self.go(g, r, "layers", "--json")
-                    )
-                    dt, res = timed(cmd)
-                    self.record(
-                        rep=rep,
-                        chain="store",
+                    res = self.store_op(
+                        who,
+                        g,
+                        r,
+                        ("layers", "--json"),
+                        ("layers", "--json"),
                         workload="layers-json",
-                        system=who,
+                        rep=rep,
                         phase=f"{n}",
-                        s=dt,
-                        rc=res.returncode,
-                        out_bytes=len(res.stdout),
                     )
+                    self.results[-1]["out_bytes"] = len(res.stdout)
             self.go_shutdown(g, r)
         if "create-delete" in wls:
             n = 30 if quick else self.args.store_ops
@@ -526,40 +544,28 @@ class Bench:
                     g, r = self.scratch(f"cd-{who}")
                     ids = []
                     for i in range(n):
-                        cmd = (
-                            self.lfs("create-layer", g=g, r=r)
-                            if who == "layerfs"
-                            else self.go(g, r, "create-layer")
-                        )
-                        dt, res = timed(cmd)
-                        self.record(
-                            rep=rep,
-                            chain="store",
+                        res = self.store_op(
+                            who,
+                            g,
+                            r,
+                            ("create-layer",),
+                            ("create-layer",),
                             workload="create-layer",
-                            system=who,
-                            phase="op",
-                            s=dt,
-                            rc=res.returncode,
+                            rep=rep,
                             i=i,
                         )
                         ids.append(res.stdout.split()[0] if res.returncode == 0 else None)
                     for i, lid in enumerate(ids):
                         if lid is None:
                             continue
-                        cmd = (
-                            self.lfs("delete-layer", lid, g=g, r=r)
-                            if who == "layerfs"
-                            else self.go(g, r, "delete-layer", lid)
-                        )
-                        dt, res = timed(cmd)
-                        self.record(
-                            rep=rep,
-                            chain="store",
+                        self.store_op(
+                            who,
+                            g,
+                            r,
+                            ("delete-layer", lid),
+                            ("delete-layer", lid),
                             workload="delete-layer",
-                            system=who,
-                            phase="op",
-                            s=dt,
-                            rc=res.returncode,
+                            rep=rep,
                             i=i,
                         )
                     if who == "go":
