@@ -26,26 +26,6 @@ if TYPE_CHECKING:
     from layerfs.store.layers import Store
     from layerfs.store.record import Layer
 
-_WHERE = {
-    "Store": "layerfs.store.layers",
-    "Layer": "layerfs.store.record",
-    **{
-        name: "layerfs.errors"
-        for name in (
-            "AmbiguousLayerError",
-            "ArchiveError",
-            "CorruptStoreError",
-            "DuplicateIDError",
-            "LayerHasChildrenError",
-            "LayerMountedError",
-            "LayerUnknownError",
-            "LayerfsError",
-            "MountError",
-            "NameInUseError",
-        )
-    },
-}
-
 __all__ = [
     "AmbiguousLayerError",
     "ArchiveError",
@@ -61,6 +41,13 @@ __all__ = [
     "Store",
 ]
 __version__ = "0.1.0"
+
+_WHERE = {
+    name: {"Store": "layerfs.store.layers", "Layer": "layerfs.store.record"}.get(
+        name, "layerfs.errors"
+    )
+    for name in __all__
+}
 
 
 def __getattr__(name: str) -> Any:
