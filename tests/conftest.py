@@ -10,9 +10,11 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +67,20 @@ def make_tar(
                 info.mode = mode
                 tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def run_and_kill(
+    argv: Sequence[str], delay: float, timeout: float = 60
+) -> tuple[subprocess.Popen[str], str, bool]:
+    """Start ``argv``, SIGKILL it after ``delay`` seconds if still running; returns the
+    process, its whole stdout and whether the kill landed."""
+    worker = subprocess.Popen(list(argv), stdout=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    killed = worker.poll() is None
+    if killed:
+        worker.send_signal(signal.SIGKILL)
+    out, _ = worker.communicate(timeout=timeout)
+    return worker, out, killed
 
 
 @dataclass

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import IN_CI, GoTool, StorePaths
+from conftest import IN_CI, GoTool, StorePaths, run_and_kill
 
 pytestmark = pytest.mark.interop
 
@@ -53,16 +50,11 @@ def test_sigkill_during_mutations_loses_no_acknowledged_work(go: GoTool, paths: 
     expected: dict[str, set[str]] = {}  # acknowledged layers -> acknowledged names
     kills = 0
     for trial in range(TRIALS):
-        worker = subprocess.Popen(
+        _, out, killed = run_and_kill(
             [sys.executable, "-c", _WORKER, paths.root, paths.runroot, str(trial)],
-            stdout=subprocess.PIPE,
-            text=True,
+            rng.uniform(0.25, 0.9),
         )
-        time.sleep(rng.uniform(0.25, 0.9))
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGKILL)
-            kills += 1
-        out, _ = worker.communicate(timeout=60)
+        kills += killed
         in_doubt: set[str] = set()
         for line in out.split("\n")[:-1]:  # a line cut by the kill is not an acknowledgement
             kind, layer_id, *rest = line.split()

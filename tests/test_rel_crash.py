@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import GoTool, LayerfsCLI, StorePaths, require_root
+from conftest import GoTool, LayerfsCLI, StorePaths, require_root, run_and_kill
 from layerfs.store.jsonfile import SpaceReserve
 from layerfs.store.layers import Store
 from rel_helpers import daemon_pids, figures, make_tar, mounts_below, scaled, wait_gone
@@ -212,17 +212,13 @@ def test_sigkill_during_store_mutations_and_imports(go: GoTool, paths: StorePath
     with figures("crash: store mutations + import (API)") as fig:
         kills = 0
         for trial in range(STORE_TRIALS):
-            worker = subprocess.Popen(
-                [sys.executable, "-c", _WORKER, paths.root, paths.runroot, str(trial),
-                 str(rng.randrange(1 << 30)), helpers],
-                stdout=subprocess.PIPE,
-                text=True,
+            seed = str(rng.randrange(1 << 30))
+            worker, out, killed = run_and_kill(
+                [sys.executable, "-c", _WORKER, paths.root, paths.runroot, str(trial), seed,
+                 helpers],
+                rng.uniform(0.15, 0.7),
             )
-            time.sleep(rng.uniform(0.15, 0.7))
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGKILL)
-                kills += 1
-            out, _ = worker.communicate(timeout=60)
+            kills += killed
             assert worker.returncode == -signal.SIGKILL, f"worker ended early:\n{out[-2000:]}"
             fig.ops += model.feed(out)
             store, present = check_store(paths, go)
