@@ -72,3 +72,25 @@ class ArchiveError(LayerfsError):
 
 class MountError(LayerfsError):
     """Mounting or unmounting a union view failed."""
+
+
+class StoreReentryError(LayerfsError):
+    """A store change was asked for from code that runs under the store's own lock.
+
+    ``create_layer``'s ``populate`` and ``update_layer``'s ``apply`` run while the store holds
+    ``layers.lock`` exclusively; they may read the store but not change it.
+    """
+
+
+class StoreSyncError(LayerfsError):
+    """Syncing a store directory failed: a rename there may not survive a crash."""
+
+    def __init__(self, path: str, exc: OSError) -> None:
+        import errno as _errno
+
+        self.errno = exc.errno
+        name = _errno.errorcode.get(exc.errno or 0, "error")
+        super().__init__(
+            f"syncing directory {path}: {exc.strerror} ({name}); "
+            "its latest change may not survive a crash"
+        )

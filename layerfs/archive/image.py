@@ -113,7 +113,7 @@ def _import(
             raise ArchiveError(f"{image.reference}: bad diff_id {diff_id!r}")
         layer_id = chain_layer_id(parent, diff_id)
         is_top = index == len(diff_ids) - 1
-        if store.exists(layer_id) and store.get(layer_id).id == layer_id:
+        if store.has_layer_id(layer_id):
             reused.append(True)
         else:
             blob_digest = image.layer_digests[index]
@@ -149,7 +149,7 @@ def _import(
             on_layer(layer_id, reused[-1])
         parent = layer_id
     image_id = image.config_digest.split(":", 1)[1]
-    store.images.add_image(
+    store.add_image(
         image_id,
         names=[name] if name else [],
         top_layer=parent,

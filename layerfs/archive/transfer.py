@@ -8,15 +8,15 @@ contents and digests are in place, and a failure removes it again.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 from layerfs.archive.apply import ApplyResult, apply_tar
 from layerfs.archive.compression import Compression, open_compressor
 from layerfs.archive.export import Change, changes, diff_size, write_diff
 from layerfs.errors import InvalidArgumentError
-from layerfs.store.layers import Store
+from layerfs.store.layers import LayerContents, Store
 from layerfs.store.record import Layer
 
 Progress = Callable[[int, int], None]
@@ -48,10 +48,10 @@ def _filler(
     def fill(layer: Layer, lowers: list[str]) -> dict[str, Any]:
         result = apply_tar(
             stream,
-            store.driver.diff_dir(layer.id),
+            store.diff_dir(layer.id),
             lower_diff_dirs=lowers,
-            tar_split_path=store.files.tar_split(layer.id),
-            whiteout_format=store.driver.whiteout_format(),
+            tar_split_path=store.tar_split_path(layer.id),
+            whiteout_format=store.whiteout_format(),
             progress=progress,
         )
         if check is not None:
@@ -88,18 +88,23 @@ def apply_diff(
     return store.update_layer(ref, _filler(store, stream, progress))
 
 
-def _diff_inputs(store: Store, ref: str, from_ref: str | None) -> tuple[Layer, list[str], str]:
-    chain = store.chain(ref)
-    layer = chain[0]
-    if from_ref is not None:
-        base = store.get(from_ref)
-        if base.id != layer.parent:
-            raise InvalidArgumentError(
-                f'diff of layer "{layer.id}" against "{base.id}": only its parent '
-                f'("{layer.parent or "none"}") is supported'
-            )
-    lowers = [store.driver.diff_dir(la.id) for la in chain[1:]]
-    return layer, lowers, store.driver.diff_dir(layer.id)
+@contextmanager
+def _diff_inputs(store: Store, ref: str, from_ref: str | None) -> Iterator[LayerContents]:
+    """The layer's files under one shared lock, checked against ``from_ref`` (its parent).
+
+    Resolving and reading happen under the same lock acquisition, so the layer cannot be
+    deleted or changed (applydiff) between the two.
+    """
+    with store.reading_layer(ref) as contents:
+        layer = contents.layer
+        if from_ref is not None:
+            base = store.get(from_ref)
+            if base.id != layer.parent:
+                raise InvalidArgumentError(
+                    f'diff of layer "{layer.id}" against "{base.id}": only its parent '
+                    f'("{layer.parent or "none"}") is supported'
+                )
+        yield contents
 
 
 def export_diff(
@@ -114,13 +119,12 @@ def export_diff(
 
     The original bytes are replayed when the layer has a tar-split; otherwise a tar is
     generated from ``diff/``. ``compression`` defaults to the layer's own compression.
+    Holds ``layers.lock`` shared from resolving ``ref`` to the last byte written.
     """
-    layer, lowers, diff_dir = _diff_inputs(store, ref, from_ref)
-    chosen = Compression(layer.compression) if compression is None else compression
-    tar_split = store.files.tar_split(layer.id)
-    with store.lock.read():
+    with _diff_inputs(store, ref, from_ref) as contents:
+        chosen = Compression(contents.layer.compression) if compression is None else compression
         sink = open_compressor(out, chosen)
-        write_diff(sink, diff_dir, lowers, tar_split if os.path.exists(tar_split) else None)
+        write_diff(sink, contents.diff_dir, contents.lower_diff_dirs, contents.tar_split)
         if sink is not out:
             sink.close()
     return chosen
@@ -128,13 +132,11 @@ def export_diff(
 
 def layer_changes(store: Store, ref: str, from_ref: str | None = None) -> list[Change]:
     """Add/Modify/Delete entries of the layer relative to its parent (Go's rules)."""
-    _, lowers, diff_dir = _diff_inputs(store, ref, from_ref)
-    with store.lock.read():
-        return changes(diff_dir, lowers)
+    with _diff_inputs(store, ref, from_ref) as contents:
+        return changes(contents.diff_dir, contents.lower_diff_dirs)
 
 
 def layer_diff_size(store: Store, ref: str, from_ref: str | None = None) -> int:
     """Sum of regular file sizes in the layer's ``diff/``, as the overlay driver reports."""
-    _, _, diff_dir = _diff_inputs(store, ref, from_ref)
-    with store.lock.read():
-        return diff_size(diff_dir)
+    with _diff_inputs(store, ref, from_ref) as contents:
+        return diff_size(contents.diff_dir)

@@ -27,10 +27,10 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from layerfs.errors import (
     AmbiguousLayerError,
@@ -45,6 +45,7 @@ from layerfs.errors import (
     LayerUsedByImageError,
     NameInUseError,
     StoreReadOnlyError,
+    StoreReentryError,
 )
 from layerfs.mountinfo import fs_type_of, is_mountpoint
 from layerfs.store import bigdata
@@ -56,7 +57,7 @@ from layerfs.store.jsonfile import (
     read_optional,
 )
 from layerfs.store.lockfile import HeldLock, LastWrite, LockFile
-from layerfs.store.mounts import MountTable
+from layerfs.store.mounts import MountRecord, MountTable
 from layerfs.store.overlay import DRIVER, OverlayLayout, remove_tree
 from layerfs.store.record import (
     INCOMPLETE_FLAG,
@@ -66,6 +67,7 @@ from layerfs.store.record import (
     format_created,
     new_layer_id,
 )
+from layerfs.store.records import LayerRecords, copy_layer
 
 if TYPE_CHECKING:
     from layerfs.store.images import ImageRecords
@@ -96,6 +98,17 @@ def default_runroot() -> str:
         return "/run/layerfs"
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/layerfs-run-{os.geteuid()}"
     return os.path.join(runtime, "layerfs")
+
+
+@dataclass(frozen=True)
+class LayerContents:
+    """What :meth:`Store.reading_layer` yields: a layer's record and where its files are."""
+
+    layer: Layer
+    chain: list[Layer]  # the layer and its ancestors, nearest first
+    diff_dir: str
+    lower_diff_dirs: list[str]  # the ancestors' diff/ directories, nearest first
+    tar_split: str | None  # the layer's tar-split file, if it has one
 
 
 @dataclass(frozen=True)
@@ -151,10 +164,8 @@ class Store:
         self.driver = OverlayLayout(self.files.root)
         self.mount_table = MountTable(self.files.runroot_layers_dir, read_only=read_only)
         self._mutex = threading.RLock()
-        self._layers: list[Layer] = []
-        self._volatile: set[str] = set()
-        self._by_id: dict[str, Layer] = {}
-        self._by_name: dict[str, Layer] = {}
+        self._held = threading.local()  # .mode: "read"/"write" while this thread holds the lock
+        self._records = LayerRecords()
         self._token: LastWrite | None = None
         self._mtimes: tuple[int, int] = (0, 0)
         self._needs_repair = False
@@ -201,13 +212,22 @@ class Store:
 
     @contextmanager
     def _reading(self) -> Iterator[None]:
-        """Hold the shared lock with fresh records; repairs first if the load asks for it."""
+        """Hold the shared lock with fresh records; repairs first if the load asks for it.
+
+        When this thread already holds ``layers.lock`` through this store (a ``populate`` or
+        ``apply`` callback, a :meth:`reading_layer` block), the held lock is reused: the
+        records are fresh, since nobody else can write while it is held.
+        """
+        if getattr(self._held, "mode", None) is not None:
+            yield
+            return
         with self._mutex:
             while True:
                 with self.lock.read() as held:
                     self._reload_if_changed(held)
                     if not (self._needs_repair and not self.read_only):
-                        yield
+                        with self._holding("read"):
+                            yield
                         return
                 with self.lock.write() as held:
                     self._reload_if_changed(held)
@@ -215,13 +235,36 @@ class Store:
 
     @contextmanager
     def _writing(self) -> Iterator[HeldLock]:
-        """Hold the exclusive lock with fresh, repaired records."""
+        """Hold the exclusive lock with fresh, repaired records.
+
+        Refused with :class:`StoreReentryError` when this thread already holds
+        ``layers.lock`` through this store: a second acquisition would wait for itself
+        forever (the lock is not re-entrant, as in Go), and a change from inside a
+        ``populate``/``apply`` callback would edit records the outer call is changing.
+        """
         if self.read_only:
             raise StoreReadOnlyError(f"{self.root}: the store is open read-only")
+        held_mode = getattr(self._held, "mode", None)
+        if held_mode is not None:
+            raise StoreReentryError(
+                f"{self.root}: a store change was asked for while this thread holds "
+                f"layers.lock ({held_mode}), e.g. from a populate or apply callback; "
+                "only reads are allowed there"
+            )
         with self._mutex, self.lock.write() as held:
             self._reload_if_changed(held)
             self._repair(held)
-            yield held
+            with self._holding("write"):
+                yield held
+
+    @contextmanager
+    def _holding(self, mode: str) -> Iterator[None]:
+        """Mark this thread as holding ``layers.lock`` in ``mode`` for the block."""
+        self._held.mode = mode
+        try:
+            yield
+        finally:
+            self._held.mode = None
 
     def _reload_if_changed(self, held: HeldLock) -> None:
         """Reload when the token or a JSON mtime moved. Caller holds ``layers.lock``."""
@@ -241,54 +284,19 @@ class Store:
         """
         stable = decode_layers(read_optional(self.files.stable), self.files.stable)
         volatile = decode_layers(read_optional(self.files.volatile), self.files.volatile)
-        layers: list[Layer] = []
-        by_id: dict[str, Layer] = {}
-        volatile_ids: set[str] = set()
-        repair = False
-        for source, records in ((self.files.stable, stable), (self.files.volatile, volatile)):
-            for layer in records:
-                first = by_id.get(layer.id)
-                if first is not None:
-                    # The first record of an id wins (containers/storage HEAD skips later
-                    # ones); its names are kept so nothing a user named disappears.
-                    log.warning('%s: duplicate record for layer "%s" dropped', source, layer.id)
-                    first.names.extend(n for n in layer.names if n not in first.names)
-                    repair = True
-                    continue
-                by_id[layer.id] = layer
-                layers.append(layer)
-                if source == self.files.volatile:
-                    volatile_ids.add(layer.id)
-        by_name: dict[str, Layer] = {}
-        for layer in layers:
-            deduped = list(dict.fromkeys(layer.names))
-            if deduped != layer.names:
-                layer.names = deduped
-                repair = True
-            for name in layer.names:
-                previous = by_name.get(name)
-                if previous is not None and previous is not layer:
-                    if self.read_only:
-                        raise CorruptStoreError(
-                            f'{self.files.stable}: name "{name}" is used by layers '
-                            f'"{previous.id}" and "{layer.id}" (duplicate layer names)'
-                        )
-                    previous.names.remove(name)
-                    repair = True
-                by_name[name] = layer
-            if layer.incomplete:
-                repair = True
-        self._layers = layers
-        self._by_id = by_id
-        self._by_name = by_name
-        self._volatile = volatile_ids
-        self._needs_repair = repair
+        self._records, self._needs_repair = LayerRecords.from_files(
+            stable,
+            volatile,
+            source=self.files.stable,
+            volatile_source=self.files.volatile,
+            strict_names=self.read_only,
+        )
 
     def _repair(self, held: HeldLock) -> None:
         """Delete incomplete layers and save fixed names. Caller holds the write lock."""
         if not self._needs_repair:
             return
-        for layer in [la for la in self._layers if la.incomplete]:
+        for layer in self._records.incomplete():
             log.warning('Found incomplete layer "%s", deleting it', layer.id)
             self._remove_layer_data(layer.id)
             self._forget(layer)
@@ -303,27 +311,22 @@ class Store:
         """
         self._token = held.record_write()
         if stable:
-            records = [la for la in self._layers if la.id not in self._volatile]
+            records = self._records.in_file(volatile=False)
             atomic_write(self.files.stable, encode_layers(records), durable=True)
         if volatile:
-            records = [la for la in self._layers if la.id in self._volatile]
+            records = self._records.in_file(volatile=True)
             if records or os.path.exists(self.files.volatile):
                 atomic_write(self.files.volatile, encode_layers(records), durable=False)
         self._mtimes = (mtime_ns(self.files.stable), mtime_ns(self.files.volatile))
 
     def _save_for(self, held: HeldLock, layer: Layer) -> None:
         """Save only the file that holds ``layer``. Caller holds the write lock."""
-        is_volatile = layer.id in self._volatile
+        is_volatile = self._records.is_volatile(layer.id)
         self._save(held, stable=not is_volatile, volatile=is_volatile)
 
     def _forget(self, layer: Layer) -> None:
         """Drop a record from memory (not from disk). Caller holds the write lock."""
-        self._layers = [la for la in self._layers if la.id != layer.id]
-        self._by_id.pop(layer.id, None)
-        for name in layer.names:
-            if self._by_name.get(name) is layer:
-                del self._by_name[name]
-        self._volatile.discard(layer.id)
+        self._records.remove(layer)
 
     def _remove_layer_data(self, layer_id: str) -> None:
         """Remove driver dirs, tar-split and big data of a layer. Caller holds the write lock."""
@@ -338,10 +341,10 @@ class Store:
         """Exact id, then exact name, then a unique id prefix. Caller holds ``layers.lock``."""
         if not ref:
             raise LayerUnknownError(ref)
-        layer = self._by_id.get(ref) or self._by_name.get(ref)
+        layer = self._records.by_id(ref) or self._records.by_name(ref)
         if layer is not None:
             return layer
-        matches = [la for la in self._layers if la.id.startswith(ref)]
+        matches = self._records.with_id_prefix(ref)
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
@@ -351,7 +354,7 @@ class Store:
     def get(self, ref: str) -> Layer:
         """The record for an id, name or unique id prefix (a copy; edits do not persist)."""
         with self._reading():
-            return _copy(self._resolve(ref))
+            return copy_layer(self._resolve(ref))
 
     def exists(self, ref: str) -> bool:
         """Whether ``ref`` names a layer (an ambiguous prefix does not)."""
@@ -365,17 +368,17 @@ class Store:
     def layers(self) -> list[Layer]:
         """All records in load order (stable file first, then volatile)."""
         with self._reading():
-            return [_copy(la) for la in self._layers]
+            return [copy_layer(la) for la in self._records]
 
     def layers_json(self) -> bytes:
         """All records as one JSON array in the Go encoding (no copies: for listings)."""
         with self._reading():
-            return encode_layers(self._layers)
+            return encode_layers(list(self._records))
 
     def is_volatile(self, ref: str) -> bool:
         """Whether the layer is kept in volatile-layers.json."""
         with self._reading():
-            return self._resolve(ref).id in self._volatile
+            return self._records.is_volatile(self._resolve(ref).id)
 
     def chain(self, ref: str) -> list[Layer]:
         """The layer and its ancestors, nearest first.
@@ -383,13 +386,13 @@ class Store:
         A missing parent or a cycle raises :class:`CorruptStoreError` showing the chain.
         """
         with self._reading():
-            return [_copy(la) for la in self._chain_unlocked(self._resolve(ref))]
+            return [copy_layer(la) for la in self._chain_unlocked(self._resolve(ref))]
 
     def _chain_unlocked(self, layer: Layer) -> list[Layer]:
         chain = [layer]
         seen = {layer.id}
         while chain[-1].parent:
-            parent = self._by_id.get(chain[-1].parent)
+            parent = self._records.by_id(chain[-1].parent)
             shown = " -> ".join(la.id[:12] for la in chain)
             if parent is None:
                 raise CorruptStoreError(
@@ -414,7 +417,7 @@ class Store:
         if attr is None:
             raise InvalidArgumentError(f"unknown digest kind {kind!r}")
         with self._reading():
-            found = [_copy(la) for la in self._layers if getattr(la, attr) == digest]
+            found = [copy_layer(la) for la in self._records if getattr(la, attr) == digest]
         if not found:
             raise LayerUnknownError(digest, f"no layer with {kind} digest")
         return found
@@ -455,15 +458,14 @@ class Store:
         with self._writing() as held:
             if layer_id is None:
                 layer_id = new_layer_id()
-                while layer_id in self._by_id:
+                while layer_id in self._records:
                     layer_id = new_layer_id()
-            elif layer_id in self._by_id:
+            elif layer_id in self._records:
                 raise DuplicateIDError(f'layer id "{layer_id}" is already in use')
             for name in wanted:
-                if name in self._by_name:
-                    raise NameInUseError(
-                        f'name "{name}" is already in use by layer "{self._by_name[name].id}"'
-                    )
+                owner = self._records.by_name(name)
+                if owner is not None:
+                    raise NameInUseError(f'name "{name}" is already in use by layer "{owner.id}"')
             parent_layer = self._resolve(parent) if parent else None
             lower_dirs: list[str] = []
             if parent_layer is not None:
@@ -478,17 +480,12 @@ class Store:
                 created=format_created(time.time_ns()),
                 flags={INCOMPLETE_FLAG: True},
             )
-            self._layers.append(layer)
-            self._by_id[layer.id] = layer
-            for name in wanted:
-                self._by_name[name] = layer
-            if volatile:
-                self._volatile.add(layer.id)
+            self._records.add(layer, volatile=volatile)
             self._save_for(held, layer)
             try:
                 self.driver.create(layer.id, layer.parent)
                 if populate is not None:
-                    updates = populate(_copy(layer), lower_dirs)
+                    updates = populate(copy_layer(layer), lower_dirs)
                     for key, value in (updates or {}).items():
                         setattr(layer, key, value)
                 del layer.flags[INCOMPLETE_FLAG]
@@ -496,7 +493,7 @@ class Store:
             except BaseException:
                 self._abort_create(held, layer)
                 raise
-            return _copy(layer)
+            return copy_layer(layer)
 
     def _abort_create(self, held: HeldLock, layer: Layer) -> None:
         """Undo a failed create. Caller holds the write lock; errors here are only logged."""
@@ -504,8 +501,9 @@ class Store:
             self._remove_layer_data(layer.id)
             self._forget(layer)
             self._save_for(held, layer)
-        except Exception:  # the record stays incomplete; the next load removes it
+        except Exception:  # the record stays incomplete; the next operation removes it
             log.exception('could not clean up layer "%s" after a failed create', layer.id)
+            self._needs_repair = True
 
     def update_layer(
         self, ref: str, apply: Callable[[Layer, list[str]], dict[str, Any] | None]
@@ -513,9 +511,12 @@ class Store:
         """Change a layer's contents (``applydiff``) with the incomplete-flag discipline.
 
         The record is flagged incomplete while ``apply(layer, lower_diff_dirs)`` runs; on
-        success its returned fields are set and the flag cleared. On failure the flag stays
-        set and the layer is removed by the next load, because its contents are then
-        unknown: the error says so.
+        success its returned fields are set and the flag cleared. On failure the layer is
+        removed before the error propagates (its contents are then unknown; the error says
+        so), as the next load of any store would remove it; if that removal fails too, this
+        Store keeps the repair pending and retries it before its next operation, so the
+        incomplete layer is never listed or changed. ``apply`` runs under the write lock: it
+        may read the store, not change it (see :meth:`_writing`).
         """
         with self._writing() as held:
             layer = self._resolve(ref)
@@ -524,18 +525,25 @@ class Store:
             layer.flags[INCOMPLETE_FLAG] = True
             self._save_for(held, layer)
             try:
-                updates = apply(_copy(layer), lower_dirs)
+                updates = apply(copy_layer(layer), lower_dirs)
             except BaseException as exc:
+                self._needs_repair = True
+                fate = "has been removed"
+                try:
+                    self._repair(held)
+                except Exception:
+                    log.exception('could not remove layer "%s" after a failed update', layer.id)
+                    fate = "will be removed"
                 if isinstance(exc, LayerfsError):
                     raise LayerfsError(
-                        f'{exc}; layer "{layer.id}" was left incomplete and will be removed'
+                        f'{exc}; layer "{layer.id}" was left incomplete and {fate}'
                     ) from exc
                 raise
             for key, value in (updates or {}).items():
                 setattr(layer, key, value)
             del layer.flags[INCOMPLETE_FLAG]
             self._save_for(held, layer)
-            return _copy(layer)
+            return copy_layer(layer)
 
     # ----------------------------------------------------------------- names, metadata, flags
 
@@ -549,15 +557,12 @@ class Store:
 
     def remove_names(self, ref: str, names: Iterable[str]) -> Layer:
         """Remove names from the layer; names it does not have are ignored."""
-        drop = set(names)
+        drop = list(names)
         with self._writing() as held:
             layer = self._resolve(ref)
-            layer.names = [n for n in layer.names if n not in drop]
-            for name in drop:
-                if self._by_name.get(name) is layer:
-                    del self._by_name[name]
+            self._records.remove_names(layer, drop)
             self._save(held)
-            return _copy(layer)
+            return copy_layer(layer)
 
     def _change_names(self, ref: str, names: list[str], *, replace: bool) -> Layer:
         for name in names:
@@ -565,18 +570,9 @@ class Store:
                 raise InvalidArgumentError("a layer name must not be empty")
         with self._writing() as held:
             layer = self._resolve(ref)
-            wanted = list(dict.fromkeys(names if replace else layer.names + names))
-            for name in layer.names:
-                if name not in wanted:
-                    del self._by_name[name]
-            for name in wanted:
-                owner = self._by_name.get(name)
-                if owner is not None and owner is not layer:
-                    owner.names.remove(name)
-                self._by_name[name] = layer
-            layer.names = wanted
+            self._records.set_names(layer, names if replace else layer.names + names)
             self._save(held)
-            return _copy(layer)
+            return copy_layer(layer)
 
     def set_metadata(self, ref: str, metadata: str) -> Layer:
         """Replace the free-text metadata."""
@@ -584,7 +580,7 @@ class Store:
             layer = self._resolve(ref)
             layer.metadata = metadata
             self._save_for(held, layer)
-            return _copy(layer)
+            return copy_layer(layer)
 
     def set_flag(self, ref: str, flag: str, value: Any) -> Layer:
         """Set one flag (any JSON value). ``incomplete`` is reserved for the store."""
@@ -594,7 +590,7 @@ class Store:
             layer = self._resolve(ref)
             layer.flags[flag] = value
             self._save_for(held, layer)
-            return _copy(layer)
+            return copy_layer(layer)
 
     def clear_flag(self, ref: str, flag: str) -> Layer:
         """Remove one flag; a flag that is not set is ignored."""
@@ -603,7 +599,7 @@ class Store:
             if flag in layer.flags and flag != INCOMPLETE_FLAG:
                 del layer.flags[flag]
                 self._save_for(held, layer)
-            return _copy(layer)
+            return copy_layer(layer)
 
     # ----------------------------------------------------------------- big data
 
@@ -630,7 +626,7 @@ class Store:
             layer = self._resolve(ref)
             path = bigdata.big_data_path(self.files.layers_dir, layer.id, key)
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            atomic_write(path, data, durable=layer.id not in self._volatile)
+            atomic_write(path, data, durable=not self._records.is_volatile(layer.id))
             if key not in layer.big_data_names:
                 layer.big_data_names.append(key)
                 self._save_for(held, layer)
@@ -673,7 +669,7 @@ class Store:
         """
         with self._writing() as held:
             layer = self._resolve(ref)
-            children = [la.id for la in self._layers if la.parent == layer.id]
+            children = self._records.children_of(layer.id)
             if children:
                 raise LayerHasChildrenError(
                     f'layer "{layer.id}" is used by layer "{children[0]}": layer has children'
@@ -710,10 +706,10 @@ class Store:
     def wipe(self) -> list[str]:
         """Delete every layer, newest first; refused while any view is mounted."""
         with self._writing() as held:
-            for layer in self._layers:
+            for layer in self._records:
                 self._refuse_if_mounted(layer)
             deleted = []
-            for layer in reversed(list(self._layers)):
+            for layer in reversed(list(self._records)):
                 self._delete_unlocked(held, layer)
                 deleted.append(layer.id)
             self._save(held)
@@ -727,7 +723,7 @@ class Store:
         """
         removed: list[str] = []
         with self._writing():
-            known = set(self._by_id)
+            known = self._records.ids()
             for name in self.driver.orphans(known):
                 path = os.path.join(self.driver.home, name)
                 if is_mountpoint(os.path.join(path, "merged")):
@@ -759,8 +755,8 @@ class Store:
     def status(self) -> list[tuple[str, str]]:
         """Driver and store facts as (key, value) pairs, like ``containers-storage status``."""
         with self._reading():
-            count = len(self._layers)
-            volatile = len(self._volatile)
+            count = len(self._records)
+            volatile = self._records.volatile_count()
         st = os.statvfs(self.files.root)
         return [
             ("Graph Root", self.root),
@@ -777,17 +773,117 @@ class Store:
 
     def diff_dirs(self, ref: str) -> list[str]:
         """The ``diff/`` directories of the layer and its ancestors, nearest first."""
-        return [self.driver.diff_dir(la.id) for la in self.chain(ref)]
+        return self.diff_dirs_of_chain(self.chain(ref))
 
+    # ----------------------------------------------------------------- paths (no lock)
+    #
+    # Where the overlay driver keeps a layer's files. These compute paths only; whoever
+    # reads or changes what is there holds ``layers.lock`` (see reading_layer).
 
-def _copy(layer: Layer) -> Layer:
-    """A copy whose lists and dicts can be changed without touching the store's record."""
-    new = object.__new__(Layer)
-    state = new.__dict__
-    state.update(layer.__dict__)
-    for key, value in state.items():
-        if isinstance(value, list):
-            state[key] = list(value)
-        elif isinstance(value, dict):
-            state[key] = dict(value)
-    return new
+    def layer_dir(self, layer_id: str) -> str:
+        """``<root>/overlay/<id>``."""
+        return self.driver.layer_dir(layer_id)
+
+    def diff_dir(self, layer_id: str) -> str:
+        """``<root>/overlay/<id>/diff``: the layer's own files."""
+        return self.driver.diff_dir(layer_id)
+
+    def merged_dir(self, layer_id: str) -> str:
+        """``<root>/overlay/<id>/merged``: the default mount point of the layer's view."""
+        return self.driver.merged_dir(layer_id)
+
+    def work_dir(self, layer_id: str) -> str:
+        """``<root>/overlay/<id>/work``."""
+        return self.driver.work_dir(layer_id)
+
+    def tar_split_path(self, layer_id: str) -> str:
+        """``<root>/overlay-layers/<id>.tar-split.gz`` (it may not exist)."""
+        return self.files.tar_split(layer_id)
+
+    def diff_dirs_of_chain(self, chain: Sequence[Layer]) -> list[str]:
+        """The ``diff/`` directories of the given records, in the same order."""
+        return [self.driver.diff_dir(la.id) for la in chain]
+
+    def whiteout_format(self) -> Literal["kernel", "aufs"]:
+        """How this store's layers encode whiteouts (from ``overlay/.has-mount-program``)."""
+        return self.driver.whiteout_format()
+
+    # ----------------------------------------------------------------- whole operations
+
+    def chain_with_dirs(self, ref: str) -> tuple[list[Layer], list[str]]:
+        """The layer's chain (nearest first) and its ``diff/`` directories, from one lock."""
+        with self._reading():
+            chain = [copy_layer(la) for la in self._chain_unlocked(self._resolve(ref))]
+        return chain, self.diff_dirs_of_chain(chain)
+
+    @contextmanager
+    def reading_layer(self, ref: str) -> Iterator[LayerContents]:
+        """Resolve ``ref`` and hold ``layers.lock`` shared while the block reads its files.
+
+        The layer (and its chain) cannot be deleted or changed by anyone — this process,
+        another layerfs or a Go process — until the block ends. Inside the block the Store
+        may be queried (the held lock is reused) but not changed (:class:`StoreReentryError`).
+        """
+        with self._reading():
+            chain = [copy_layer(la) for la in self._chain_unlocked(self._resolve(ref))]
+            tar_split = self.files.tar_split(chain[0].id)
+            yield LayerContents(
+                layer=chain[0],
+                chain=chain,
+                diff_dir=self.driver.diff_dir(chain[0].id),
+                lower_diff_dirs=self.diff_dirs_of_chain(chain[1:]),
+                tar_split=tar_split if os.path.exists(tar_split) else None,
+            )
+
+    def has_layer_id(self, layer_id: str) -> bool:
+        """Whether a layer has exactly this id (names and prefixes do not count)."""
+        with self._reading():
+            return layer_id in self._records
+
+    def add_image(
+        self,
+        image_id: str,
+        *,
+        names: list[str],
+        top_layer: str,
+        manifest: bytes,
+        manifest_digest: str,
+        config: bytes,
+        config_digest: str,
+    ) -> dict[str, Any]:
+        """Add (or update) an image record whose top layer is ``top_layer`` (an exact id).
+
+        Holds ``layers.lock`` shared for the whole write of ``images.json`` (taken inside
+        it, as in containers/storage), so the top layer cannot be deleted meanwhile; a top
+        layer that is not in the store raises :class:`LayerUnknownError`.
+        """
+        if self.read_only:
+            raise StoreReadOnlyError(f"{self.root}: the store is open read-only")
+        with self._reading():
+            if top_layer not in self._records:
+                raise LayerUnknownError(top_layer, "the image's top layer is not in the store")
+            return self.images.add_image(
+                image_id,
+                names=names,
+                top_layer=top_layer,
+                manifest=manifest,
+                manifest_digest=manifest_digest,
+                config=config,
+                config_digest=config_digest,
+            )
+
+    # ----------------------------------------------------------------- mount counts
+
+    def mount_records(self) -> dict[str, MountRecord]:
+        """The recorded mount counts (a snapshot of mountpoints.json, by layer id)."""
+        return self.mount_table.snapshot()
+
+    @contextmanager
+    def mount_counts(self) -> Iterator[dict[str, MountRecord]]:
+        """The mount table for changes, under ``layers.lock`` (shared) and ``mountpoints.lock``.
+
+        Lock order as in Go: ``layers.lock`` first. The table is saved at the end of the
+        block if it changed. The Store may be queried inside the block, not changed.
+        """
+        with self._reading(), self.mount_table.update() as table:
+            yield table
