@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
@@ -342,6 +343,13 @@ def _diff(store: Store, args: argparse.Namespace) -> int:
     from layerfs.archive.transfer import export_diff
 
     chosen = None if args.compress is None else Compression[args.compress.upper()]
+    if args.output and _is_special_output(args.output):
+        # a device, FIFO or socket: written in place (a temp file and a rename would put a
+        # regular file into /dev, or replace the FIFO its reader waits on)
+        fd = os.open(args.output, os.O_WRONLY | os.O_CLOEXEC)
+        with open(fd, "wb") as out:
+            export_diff(store, args.layer, out, from_ref=args.from_layer, compression=chosen)
+        return 0
     if args.output:
         directory = os.path.dirname(os.path.abspath(args.output))
         tmp = os.path.join(directory, f".{os.path.basename(args.output)}.partial")
@@ -359,6 +367,15 @@ def _diff(store: Store, args: argparse.Namespace) -> int:
     export_diff(store, args.layer, sys.stdout.buffer, from_ref=args.from_layer, compression=chosen)
     sys.stdout.buffer.flush()
     return 0
+
+
+def _is_special_output(path: str) -> bool:
+    """True when ``path`` exists and is not a regular file (after symlinks)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
 @_command("changes")

@@ -45,6 +45,11 @@ OPAQUE_XATTR_KERNEL = "trusted.overlay.opaque"
 OPAQUE_XATTR_USER = "user.overlay.opaque"
 CHUNK = 1 << 20
 
+#: Linux limits (``<linux/limits.h>``): a path or symlink target of PATH_MAX bytes or more,
+#: or a component longer than NAME_MAX, is refused by the kernel (ENAMETOOLONG).
+PATH_MAX = 4096
+NAME_MAX = 255
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -136,6 +141,56 @@ def layer_path(name: bytes, what: str) -> list[bytes] | None:
             continue
         out.append(comp)
     return out or None
+
+
+def check_name_limits(m: TarMember, diff_dir: str = "") -> None:
+    """Refuse an entry whose path, link target or a component the kernel cannot handle.
+
+    The path is measured as it appears in the view (``/`` plus the cleaned name) and as it
+    is on the host (``diff_dir`` plus that): a path of PATH_MAX bytes or more could be
+    extracted (component by component) but not looked up, listed or mounted afterwards by
+    tools that use whole paths (the Go driver, the view's index), so it is refused at
+    import, as the Go tool refuses it (ENAMETOOLONG). Hard-link targets have the same
+    limits, symlink targets the PATH_MAX one.
+    """
+    parts = layer_path(m.name, m.display_name) or []
+    _check_parts(parts, "path", m, diff_dir)
+    if m.typeflag == LNK and m.linkname:
+        target = layer_path(m.linkname, m.display_name) or []
+        _check_parts(target, "hard link target", m, diff_dir)
+    elif m.typeflag == SYM and len(m.linkname) >= PATH_MAX:
+        raise ArchiveError(
+            f'entry "{_abbrev(m.display_name)}": symlink target is {len(m.linkname)} bytes; '
+            f"the limit is {PATH_MAX - 1} (PATH_MAX)"
+        )
+
+
+def _check_parts(parts: Sequence[bytes], what: str, m: TarMember, diff_dir: str) -> None:
+    for comp in parts:
+        if len(comp) > NAME_MAX:
+            raise ArchiveError(
+                f'entry "{_abbrev(m.display_name)}": {what} has a {len(comp)}-byte name '
+                f'"{_abbrev(_show(comp))}"; the limit is {NAME_MAX} (NAME_MAX)'
+            )
+    length = sum(len(c) + 1 for c in parts)  # "/a/b": one slash per component
+    if length >= PATH_MAX:
+        raise ArchiveError(
+            f'entry "{_abbrev(m.display_name)}": {what} is {length} bytes; '
+            f"the limit is {PATH_MAX - 1} (PATH_MAX)"
+        )
+    host = len(os.fsencode(diff_dir)) + length
+    if diff_dir and host >= PATH_MAX:
+        raise ArchiveError(
+            f'entry "{_abbrev(m.display_name)}": {what} is {length} bytes, {host} with the '
+            f"layer directory {diff_dir} in front; the limit is {PATH_MAX - 1} (PATH_MAX)"
+        )
+
+
+def _abbrev(text: str, keep: int = 48) -> str:
+    """A long name shortened to its start and end, so an error stays one readable line."""
+    if len(text) <= 2 * keep + 3:
+        return text
+    return f"{text[:keep]}...{text[-keep:]}"
 
 
 def _show(s: str | bytes) -> str:
@@ -583,6 +638,7 @@ def apply_tar(
             if m is None:
                 break
             current = m.display_name
+            check_name_limits(m, diff_dir)
             key = go_clean(m.name)
             if key in seen:
                 raise ArchiveError(f'entry "{current}": duplicates of file paths not supported')

@@ -15,10 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from layerfs.archive.apply import ApplyResult
@@ -35,6 +36,8 @@ INDEX_TYPES = (
     "application/vnd.docker.distribution.manifest.list.v2+json",
 )
 _MAX_JSON = 16 * 1024 * 1024
+_MAX_INDEX_DEPTH = 4
+_SHA256_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 @dataclass
@@ -49,6 +52,7 @@ class ImageSource:
     layer_digests: list[str]  # descriptor digests, or diff ids for docker-archive
     open_layer: Callable[[int], Any]  # index -> context manager yielding a binary stream
     default_name: str | None
+    layer_sizes: list[int | None] = field(default_factory=list)  # from descriptors, if given
 
 
 @dataclass(frozen=True)
@@ -98,30 +102,39 @@ def _import(
     progress: Progress | None,
     on_layer: Callable[[str, bool], None] | None,
 ) -> ImportedImage:
-    config = _parse_json(image.config, "image config")
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids")
-    if not isinstance(diff_ids, list) or len(diff_ids) != len(image.layer_digests):
+    diff_ids = _config_diff_ids(_parse_json(image.config, "image config"), image.reference)
+    if len(diff_ids) != len(image.layer_digests):
         raise ArchiveError(
-            f"{image.reference}: the config lists {len(diff_ids or [])} diff_ids for "
+            f"{image.reference}: the config lists {len(diff_ids)} diff_ids for "
             f"{len(image.layer_digests)} layers"
         )
     parent = ""
     layer_ids: list[str] = []
     reused: list[bool] = []
     for index, diff_id in enumerate(diff_ids):
-        if not isinstance(diff_id, str) or ":" not in diff_id:
-            raise ArchiveError(f"{image.reference}: bad diff_id {diff_id!r}")
         layer_id = chain_layer_id(parent, diff_id)
         is_top = index == len(diff_ids) - 1
         if store.has_layer_id(layer_id):
             reused.append(True)
         else:
             blob_digest = image.layer_digests[index]
+            sizes = image.layer_sizes
+            blob_size = sizes[index] if index < len(sizes) else None
 
-            def check(result: ApplyResult, blob: str = blob_digest, want: str = diff_id) -> None:
+            def check(
+                result: ApplyResult,
+                blob: str = blob_digest,
+                want: str = diff_id,
+                size: int | None = blob_size,
+            ) -> None:
                 if result.compressed_digest != blob and result.uncompressed_digest != blob:
                     raise ArchiveError(
                         f"layer blob {blob}: content digest is {result.compressed_digest}"
+                    )
+                if size is not None and result.compressed_size != size:
+                    raise ArchiveError(
+                        f"layer blob {blob}: {result.compressed_size} bytes, but its "
+                        f"descriptor says {size}"
                     )
                 if result.uncompressed_digest != want:
                     raise ArchiveError(
@@ -170,16 +183,24 @@ def _open_oci(spec: str) -> Iterator[ImageSource]:
     if not os.path.isfile(os.path.join(directory, "oci-layout")):
         raise ArchiveError(f"{directory}: not an OCI image layout (no oci-layout file)")
     index = _parse_json(_read_small(os.path.join(directory, "index.json")), "index.json")
-    descriptor = _pick_manifest(index.get("manifests") or [], tag, directory)
+    descriptor = _pick_manifest(_list_of(index, "manifests", "index.json"), tag, directory)
     manifest_bytes, manifest = _read_blob_json(directory, descriptor)
+    depth = 0
     while manifest.get("mediaType") in INDEX_TYPES or "manifests" in manifest:
-        descriptor = _pick_manifest(manifest.get("manifests") or [], "", directory)
+        depth += 1
+        if depth > _MAX_INDEX_DEPTH:
+            raise ArchiveError(
+                f"{directory}: image indexes nested more than {_MAX_INDEX_DEPTH} deep"
+            )
+        where = f"blob {descriptor['digest']}"
+        descriptor = _pick_manifest(_list_of(manifest, "manifests", where), "", directory)
         manifest_bytes, manifest = _read_blob_json(directory, descriptor)
-    config_desc = manifest.get("config") or {}
+    where = f"manifest {descriptor['digest']}"
+    if "config" not in manifest:
+        raise ArchiveError(f'{where}: no "config" descriptor')
+    config_desc = _check_descriptor(manifest["config"])
     config_bytes, _ = _read_blob_json(directory, config_desc)
-    layers = manifest.get("layers") or []
-    for layer in layers:
-        _check_descriptor(layer)
+    layers = [_check_descriptor(la) for la in _list_of(manifest, "layers", where)]
 
     @contextmanager
     def open_layer(i: int) -> Iterator[BinaryIO]:
@@ -198,33 +219,37 @@ def _open_oci(spec: str) -> Iterator[ImageSource]:
         config=config_bytes,
         config_digest=config_desc["digest"],
         layer_digests=[la["digest"] for la in layers],
+        layer_sizes=[la.get("size") for la in layers],
         open_layer=open_layer,
         default_name=f"localhost/{os.path.basename(os.path.abspath(directory))}:{tag or 'latest'}",
     )
 
 
 def _pick_manifest(manifests: list[Any], tag: str, where: str) -> dict[str, Any]:
+    checked: list[dict[str, Any]] = [_check_descriptor(m) for m in manifests]
     if tag:
-        for m in manifests:
-            annotations = m.get("annotations") or {}
+        for m in checked:
+            annotations = _object_at(m, "annotations", "manifest descriptor")
             if annotations.get("org.opencontainers.image.ref.name") == tag:
-                return _check_descriptor(m)
+                return m
         raise ArchiveError(f'{where}: no manifest tagged "{tag}"')
-    if len(manifests) == 1:
-        return _check_descriptor(manifests[0])
-    for m in manifests:
-        platform = m.get("platform") or {}
+    if len(checked) == 1:
+        return checked[0]
+    for m in checked:
+        platform = _object_at(m, "platform", "manifest descriptor")
         if platform.get("os") == "linux" and platform.get("architecture") in ("amd64", None):
-            return _check_descriptor(m)
+            return m
     raise ArchiveError(f"{where}: {len(manifests)} manifests and no tag given; add :TAG")
 
 
 def _check_descriptor(desc: Any) -> dict[str, Any]:
     if not isinstance(desc, dict) or not isinstance(desc.get("digest"), str):
-        raise ArchiveError(f"malformed descriptor {desc!r:.100}")
-    algo, _, hex_part = desc["digest"].partition(":")
-    if algo != "sha256" or len(hex_part) != 64 or hex_part.strip("0123456789abcdef"):
-        raise ArchiveError(f'unsupported or malformed digest "{desc["digest"]}"')
+        raise ArchiveError(f"malformed descriptor {_brief(desc)}")
+    if not _SHA256_RE.match(desc["digest"]):
+        raise ArchiveError(f'unsupported or malformed digest "{_brief(desc["digest"])}"')
+    size = desc.get("size")
+    if size is not None and (type(size) is not int or size < 0):
+        raise ArchiveError(f"descriptor {desc['digest']}: size {_brief(size)} is not a byte count")
     return desc
 
 
@@ -239,6 +264,10 @@ def _read_blob_json(directory: str, desc: dict[str, Any]) -> tuple[bytes, dict[s
     actual = "sha256:" + hashlib.sha256(data).hexdigest()
     if actual != desc["digest"]:
         raise ArchiveError(f"blob {desc['digest']}: content digest is {actual}")
+    if desc.get("size") is not None and desc["size"] != len(data):
+        raise ArchiveError(
+            f"blob {desc['digest']}: {len(data)} bytes, but its descriptor says {desc['size']}"
+        )
     return data, _parse_json(data, f"blob {desc['digest']}")
 
 
@@ -267,12 +296,19 @@ def _open_docker_archive(path: str) -> Iterator[ImageSource]:
         manifest_list = _parse_json(read_member("manifest.json"), "manifest.json", want=list)
         if len(manifest_list) != 1:
             raise ArchiveError(f"{path}: holds {len(manifest_list)} images; one is supported")
+        where = f"{path}: manifest.json"
         entry = manifest_list[0]
-        config_bytes = read_member(entry["Config"])
+        if not isinstance(entry, dict):
+            raise ArchiveError(f"{where}: the image entry is not a JSON object")
+        config_name = entry.get("Config")
+        if not isinstance(config_name, str) or not config_name:
+            raise ArchiveError(f'{where}: the image entry has no "Config" file name')
+        config_bytes = read_member(config_name)
         config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
-        config = _parse_json(config_bytes, "image config")
-        diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-        layer_names: list[str] = list(entry.get("Layers") or [])
+        diff_ids = _config_diff_ids(_parse_json(config_bytes, "image config"), path)
+        layer_names = _strings(entry, "Layers", where)
+        if not layer_names:
+            raise ArchiveError(f'{where}: the image entry has no "Layers"')
 
         @contextmanager
         def open_layer(i: int) -> Iterator[BinaryIO]:
@@ -302,14 +338,14 @@ def _open_docker_archive(path: str) -> Iterator[ImageSource]:
             ],
         }
         manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
-        tags = entry.get("RepoTags") or []
+        tags = _strings(entry, "RepoTags", where)
         yield ImageSource(
             reference=f"docker-archive:{path}",
             manifest=manifest_bytes,
             manifest_digest="sha256:" + hashlib.sha256(manifest_bytes).hexdigest(),
             config=config_bytes,
             config_digest=config_digest,
-            layer_digests=[str(d) for d in diff_ids][: len(layer_names)]
+            layer_digests=diff_ids[: len(layer_names)]
             + [""] * max(0, len(layer_names) - len(diff_ids)),
             open_layer=open_layer,
             default_name=tags[0] if tags else None,
@@ -333,8 +369,55 @@ def _read_small(path: str) -> bytes:
 def _parse_json(data: bytes, what: str, want: type = dict) -> Any:
     try:
         value = json.loads(data)
-    except ValueError as exc:
+    except ValueError as exc:  # includes bad UTF-8 and integers of over 4300 digits
         raise ArchiveError(f"{what}: not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise ArchiveError(f"{what}: JSON nested too deeply") from exc
     if not isinstance(value, want):
         raise ArchiveError(f"{what}: expected a JSON {want.__name__}")
     return value
+
+
+def _brief(value: Any) -> str:
+    """A short, one-line rendering of a hostile JSON value for an error message."""
+    text = json.dumps(value, ensure_ascii=True, default=str) if value is not None else "null"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _object_at(obj: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    """``obj[key]`` as a JSON object; missing or null is ``{}``."""
+    value = obj.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ArchiveError(f'{where}: "{key}" is not a JSON object: {_brief(value)}')
+    return value
+
+
+def _list_of(obj: dict[str, Any], key: str, where: str) -> list[Any]:
+    """``obj[key]`` as a JSON array; missing or null is ``[]``."""
+    value = obj.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ArchiveError(f'{where}: "{key}" is not a JSON array: {_brief(value)}')
+    return value
+
+
+def _strings(obj: dict[str, Any], key: str, where: str) -> list[str]:
+    """``obj[key]`` as a JSON array of strings; missing or null is ``[]``."""
+    values = _list_of(obj, key, where)
+    for value in values:
+        if not isinstance(value, str) or not value:
+            raise ArchiveError(f'{where}: "{key}" holds a non-string: {_brief(value)}')
+    return values
+
+
+def _config_diff_ids(config: dict[str, Any], where: str) -> list[str]:
+    """The config's ``rootfs.diff_ids``, each a well-formed sha256 digest."""
+    rootfs = _object_at(config, "rootfs", f"{where}: image config")
+    diff_ids = _list_of(rootfs, "diff_ids", f"{where}: image config rootfs")
+    for diff_id in diff_ids:
+        if not isinstance(diff_id, str) or not _SHA256_RE.match(diff_id):
+            raise ArchiveError(f"{where}: bad diff_id {_brief(diff_id)}")
+    return diff_ids

@@ -15,7 +15,7 @@ import errno
 import os
 import secrets
 
-from layerfs.errors import LayerfsError
+from layerfs.errors import LayerfsError, StoreSyncError
 
 
 class StoreWriteError(LayerfsError):
@@ -55,16 +55,30 @@ def atomic_write(path: str, data: bytes, *, durable: bool = True, mode: int = 0o
         fsync_dir(directory)
 
 
+#: fsync errors that mean "this file system cannot sync a directory", not "the data may
+#: be lost": only these are ignored (tmpfs-like and some FUSE file systems answer so).
+_CANNOT_SYNC_DIRS = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+
+
 def fsync_dir(directory: str) -> None:
-    """Sync a directory so renames and creations in it are durable."""
+    """Sync a directory so renames and creations in it are durable.
+
+    A file system that cannot sync directories (EINVAL, ENOTSUP, ENOSYS) is accepted, as
+    is a directory this user may not open for reading (EACCES/EPERM); any other error —
+    EIO above all — raises :class:`StoreSyncError`: the change may not survive a crash.
+    """
+    path = directory or "."
     try:
-        fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return
+        raise StoreSyncError(path, exc) from exc
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno not in _CANNOT_SYNC_DIRS:
+            raise StoreSyncError(path, exc) from exc
     finally:
         os.close(fd)
 

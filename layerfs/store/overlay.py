@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import secrets
 import shutil
 import stat
 from collections.abc import Callable
@@ -26,7 +27,8 @@ from layerfs.mountinfo import is_mountpoint
 DRIVER = "overlay"
 LINK_DIR = "l"
 BASE_DIFF_MODE = 0o555
-_RESERVED = frozenset({LINK_DIR, ".has-mount-program"})
+MOUNT_PROGRAM_MARKER = ".has-mount-program"
+_RESERVED = frozenset({LINK_DIR, MOUNT_PROGRAM_MARKER})
 
 
 class OverlayLayout:
@@ -43,21 +45,39 @@ class OverlayLayout:
         kernel form (char device 0:0, ``trusted.overlay.opaque``), ``true`` means the form the
         Go driver writes with a mount program (``.wh.`` files, ``user.overlay.opaque``),
         which needs neither mknod nor trusted.* xattrs.
+
+        Many processes may open a fresh store at once (no lock is held here): the marker
+        is written to a private temporary file and hard-linked into place, so it appears
+        whole or not at all, and a process that loses the race keeps the winner's file.
         """
         os.makedirs(self.home, mode=0o700, exist_ok=True)
         os.makedirs(self.link_dir, mode=0o700, exist_ok=True)
-        marker = os.path.join(self.home, ".has-mount-program")
-        if not os.path.exists(marker):
-            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        marker = os.path.join(self.home, MOUNT_PROGRAM_MARKER)
+        content = b"false" if os.geteuid() == 0 else b"true"
+        for _attempt in range(3):  # a concurrent gc may remove our temp file: try again
+            if os.path.exists(marker):
+                return
+            tmp = f"{marker}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                os.write(fd, b"false" if os.geteuid() == 0 else b"true")
+                try:
+                    os.write(fd, content)
+                finally:
+                    os.close(fd)
+                os.link(tmp, marker)
+                return
+            except FileExistsError:  # another process was first; its file is whole
+                return
+            except FileNotFoundError:
+                continue
             finally:
-                os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
 
     def whiteout_format(self) -> Literal["kernel", "aufs"]:
         """The whiteout form this store's layers use (see :meth:`ensure_home`)."""
         try:
-            with open(os.path.join(self.home, ".has-mount-program")) as f:
+            with open(os.path.join(self.home, MOUNT_PROGRAM_MARKER)) as f:
                 uses_program = f.read().strip() == "true"
         except FileNotFoundError:
             uses_program = os.geteuid() != 0
