@@ -495,15 +495,22 @@ class Store:
                 raise
             return copy_layer(layer)
 
-    def _abort_create(self, held: HeldLock, layer: Layer) -> None:
-        """Undo a failed create. Caller holds the write lock; errors here are only logged."""
+    def _abort_create(self, held: HeldLock, layer: Layer) -> bool:
+        """Remove a layer whose create or update failed; True when it is gone.
+
+        Caller holds the write lock and has saved the record flagged ``incomplete``. Errors
+        here are only logged: the record stays incomplete, and this Store repairs it before
+        its next operation (any other Store on its next load).
+        """
         try:
             self._remove_layer_data(layer.id)
             self._forget(layer)
             self._save_for(held, layer)
-        except Exception:  # the record stays incomplete; the next operation removes it
-            log.exception('could not clean up layer "%s" after a failed create', layer.id)
+        except Exception:
+            log.exception('could not remove layer "%s" after a failed change', layer.id)
             self._needs_repair = True
+            return False
+        return True
 
     def update_layer(
         self, ref: str, apply: Callable[[Layer, list[str]], dict[str, Any] | None]
@@ -527,13 +534,8 @@ class Store:
             try:
                 updates = apply(copy_layer(layer), lower_dirs)
             except BaseException as exc:
-                self._needs_repair = True
-                fate = "has been removed"
-                try:
-                    self._repair(held)
-                except Exception:
-                    log.exception('could not remove layer "%s" after a failed update', layer.id)
-                    fate = "will be removed"
+                removed = self._abort_create(held, layer)
+                fate = "has been removed" if removed else "will be removed"
                 if isinstance(exc, LayerfsError):
                     raise LayerfsError(
                         f'{exc}; layer "{layer.id}" was left incomplete and {fate}'
