@@ -11,6 +11,16 @@ LastWrite token, or a JSON file's mtime differs from the one we saw). Private me
 which lock their caller must hold. ``mountpoints.lock`` is taken inside ``layers.lock``.
 Within one process a re-entrant mutex serialises threads sharing a :class:`Store`.
 
+Re-entry. Code that runs while this thread holds ``layers.lock`` through the Store — a
+``create_layer`` ``populate`` or ``update_layer`` ``apply`` callback, a
+:meth:`Store.reading_layer` or :meth:`Store.mount_counts` block — may call the query
+methods (they reuse the held lock: nobody else can write meanwhile), but a method that
+changes the store raises :class:`StoreReentryError` instead of waiting for itself forever.
+
+Records. :class:`~layerfs.store.records.LayerRecords` owns the record maps (by id, by name,
+which file) and their invariants. Every record a method returns is a deep copy: editing it,
+nested flag values included, never changes the store.
+
 Crash safety. ``create`` saves the record flagged ``incomplete`` before making any
 directory and clears the flag when done; ``delete`` sets the flag before removing anything.
 The next read-write load deletes flagged layers, so a killed process never leaves a layer
