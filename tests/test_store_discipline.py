@@ -63,11 +63,16 @@ def test_populate_may_read_the_store_but_not_change_it(paths: StorePaths) -> Non
                 store.set_metadata("base", "from inside")   # a write: refused
             except StoreReentryError as exc:
                 seen["refused"] = str(exc)
+            try:
+                Store(sys.argv[1], sys.argv[2]).get("base")  # another object: refused
+            except StoreReentryError as exc:
+                seen["other"] = str(exc)
             return {"metadata": "filled"}
         child = store.create_layer(names=["child"], parent="base", populate=populate)
         assert seen["parent"] == base.id, seen
         assert child.id in seen["listed"] and base.id in seen["listed"], seen
         assert "populate or apply callback" in seen["refused"], seen
+        assert "another Store object" in seen["other"], seen
         assert store.get("base").metadata == ""
         assert store.get("child").metadata == "filled"
         print("ok")

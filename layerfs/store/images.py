@@ -106,6 +106,8 @@ class ImageRecords:
 
         Names move from any other image that holds them, as in Go. The caller holds
         ``layers.lock`` (the top layer must not vanish meanwhile); this takes ``images.lock``.
+        Use :meth:`layerfs.store.layers.Store.add_image`, which holds it and checks the top
+        layer, rather than calling this directly.
         """
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         items = {

@@ -84,6 +84,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Per thread: lock-file path -> (id of the Store holding it, "read"/"write").
+_THREAD_LOCKS = threading.local()
+
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 
@@ -174,7 +177,6 @@ class Store:
         self.driver = OverlayLayout(self.files.root)
         self.mount_table = MountTable(self.files.runroot_layers_dir, read_only=read_only)
         self._mutex = threading.RLock()
-        self._held = threading.local()  # .mode: "read"/"write" while this thread holds the lock
         self._records = LayerRecords()
         self._token: LastWrite | None = None
         self._mtimes: tuple[int, int] = (0, 0)
@@ -228,7 +230,7 @@ class Store:
         ``apply`` callback, a :meth:`reading_layer` block), the held lock is reused: the
         records are fresh, since nobody else can write while it is held.
         """
-        if getattr(self._held, "mode", None) is not None:
+        if self._held_here() is not None:
             yield
             return
         with self._mutex:
@@ -254,7 +256,7 @@ class Store:
         """
         if self.read_only:
             raise StoreReadOnlyError(f"{self.root}: the store is open read-only")
-        held_mode = getattr(self._held, "mode", None)
+        held_mode = self._held_here()
         if held_mode is not None:
             raise StoreReentryError(
                 f"{self.root}: a store change was asked for while this thread holds "
@@ -267,14 +269,35 @@ class Store:
             with self._holding("write"):
                 yield held
 
+    def _held_here(self) -> str | None:
+        """``"read"``/``"write"`` when this thread holds ``layers.lock`` through this Store.
+
+        A thread that holds it through *another* Store object of the same store cannot take
+        it again either (the OFD lock of one descriptor blocks the next): that raises
+        :class:`StoreReentryError` for reads and changes alike.
+        """
+        held: dict[str, tuple[int, str]] = getattr(_THREAD_LOCKS, "held", {})
+        entry = held.get(self.files.lock)
+        if entry is None:
+            return None
+        owner, mode = entry
+        if owner != id(self):
+            raise StoreReentryError(
+                f"{self.root}: this thread holds layers.lock ({mode}) through another Store "
+                "object of the same store; use that object inside the callback"
+            )
+        return mode
+
     @contextmanager
     def _holding(self, mode: str) -> Iterator[None]:
         """Mark this thread as holding ``layers.lock`` in ``mode`` for the block."""
-        self._held.mode = mode
+        if not hasattr(_THREAD_LOCKS, "held"):
+            _THREAD_LOCKS.held = {}
+        _THREAD_LOCKS.held[self.files.lock] = (id(self), mode)
         try:
             yield
         finally:
-            self._held.mode = None
+            _THREAD_LOCKS.held.pop(self.files.lock, None)
 
     def _reload_if_changed(self, held: HeldLock) -> None:
         """Reload when the token or a JSON mtime moved. Caller holds ``layers.lock``."""
