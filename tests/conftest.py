@@ -128,13 +128,20 @@ def wait_until(
 
 
 def process_gone(pid: int) -> bool:
-    """True once ``pid`` has exited (gone, or a zombie: its files are closed by then, so a
-    FUSE daemon's connection is already aborted)."""
+    """True once every thread of process ``pid`` has exited.
+
+    The process may stay a zombie (its parent reaps it later): by then its files are closed,
+    so a FUSE daemon's connection is aborted. A thread-group leader shows "Z" while its other
+    threads are still exiting and still hold the files, so those must be gone as well.
+    """
     try:
+        tids = os.listdir(f"/proc/{pid}/task")
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return True
+    if any(tid != str(pid) for tid in tids):
+        return False
     state = data[data.rindex(b")") + 2 : data.rindex(b")") + 3]
     return state in (b"Z", b"X")
 
