@@ -31,23 +31,27 @@ GO_TOOL = "containers-storage"
 T = TypeVar("T")
 
 
+def require(condition: bool, reason: str) -> None:
+    """Go on when ``condition`` holds; otherwise skip the test, or fail it under CI=true (a CI
+    run that cannot do what the test needs must not pass silently)."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required for this test under CI=true: {reason}")
+    pytest.skip(reason)
+
+
 def require_tool(name: str) -> str:
     """Path of a tool the test needs; fail in CI, skip elsewhere, when it is missing."""
     path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (scripts/test installs it)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    require(path is not None, f"{name} is not installed (scripts/test installs it)")
+    assert path is not None
     return path
 
 
 def require_root() -> None:
     """Fail in CI, skip elsewhere, unless running as root."""
-    if os.geteuid() != 0:
-        if IN_CI:
-            pytest.fail("this test needs root")
-        pytest.skip("this test needs root")
+    require(os.geteuid() == 0, "this test needs root")
 
 
 def make_tar(
