@@ -214,8 +214,16 @@ def test_sigkill_during_store_mutations_and_imports(go: GoTool, paths: StorePath
         for trial in range(STORE_TRIALS):
             seed = str(rng.randrange(1 << 30))
             worker, out, killed = run_and_kill(
-                [sys.executable, "-c", _WORKER, paths.root, paths.runroot, str(trial), seed,
-                 helpers],
+                [
+                    sys.executable,
+                    "-c",
+                    _WORKER,
+                    paths.root,
+                    paths.runroot,
+                    str(trial),
+                    seed,
+                    helpers,
+                ],
                 rng.uniform(0.15, 0.7),
             )
             kills += killed
@@ -284,9 +292,7 @@ def _clean_leak(path: str) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def test_sigkill_during_mount_and_unmount(
-    cli: LayerfsCLI, go: GoTool, paths: StorePaths
-) -> None:
+def test_sigkill_during_mount_and_unmount(cli: LayerfsCLI, go: GoTool, paths: StorePaths) -> None:
     require_root()
     rng = random.Random(SEED + 1)
     # Go bind-mounts G/overlay onto itself on first use; done after FUSE views exist, that
