@@ -9,15 +9,17 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -26,24 +28,30 @@ from layerfs.store.layers import Store
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 GO_TOOL = "containers-storage"
 
+T = TypeVar("T")
+
+
+def require(condition: bool, reason: str) -> None:
+    """Go on when ``condition`` holds; otherwise skip the test, or fail it under CI=true (a CI
+    run that cannot do what the test needs must not pass silently)."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required for this test under CI=true: {reason}")
+    pytest.skip(reason)
+
 
 def require_tool(name: str) -> str:
     """Path of a tool the test needs; fail in CI, skip elsewhere, when it is missing."""
     path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (scripts/test installs it)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    require(path is not None, f"{name} is not installed (scripts/test installs it)")
+    assert path is not None
     return path
 
 
 def require_root() -> None:
     """Fail in CI, skip elsewhere, unless running as root."""
-    if os.geteuid() != 0:
-        if IN_CI:
-            pytest.fail("this test needs root")
-        pytest.skip("this test needs root")
+    require(os.geteuid() == 0, "this test needs root")
 
 
 def make_tar(
@@ -72,15 +80,125 @@ def make_tar(
 def run_and_kill(
     argv: Sequence[str], delay: float, timeout: float = 60
 ) -> tuple[subprocess.Popen[str], str, bool]:
-    """Start ``argv``, SIGKILL it after ``delay`` seconds if still running; returns the
-    process, its whole stdout and whether the kill landed."""
+    """Start ``argv``, wait for its first line of output, then SIGKILL it ``delay`` seconds
+    later if still running; returns the process, its whole stdout and whether the kill landed.
+
+    The first line is the handshake: the worker has started and is inside its mutations, so
+    the kill never lands in interpreter start-up. The delay after it is fault injection, not
+    synchronisation: it only picks a random moment, and callers must accept every outcome
+    (killed anywhere, or finished) by checking what the worker acknowledged.
+    """
     worker = subprocess.Popen(list(argv), stdout=subprocess.PIPE, text=True)
-    time.sleep(delay)
-    killed = worker.poll() is None
-    if killed:
-        worker.send_signal(signal.SIGKILL)
-    out, _ = worker.communicate(timeout=timeout)
-    return worker, out, killed
+    assert worker.stdout is not None
+    try:
+        ready = select.select([worker.stdout], [], [], timeout)[0]
+        assert ready, f"{argv[0]} printed nothing in {timeout:g} s"
+        first = worker.stdout.readline()
+        time.sleep(delay)  # fault injection: a random point among the worker's mutations
+        killed = worker.poll() is None
+        if killed:
+            worker.send_signal(signal.SIGKILL)
+        rest = worker.stdout.read()
+        worker.wait(timeout)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        worker.stdout.close()
+    return worker, first + rest, killed
+
+
+# ------------------------------------------------------------------------------ waiting
+#
+# Every wait polls the real condition (a lock in /proc/locks, a process's state in /proc, a
+# mount in the mount table) under a deadline and fails naming what never happened. A short
+# poll interval inside that deadline is fine; a fixed sleep that hopes the state was reached
+# is not.
+
+
+def wait_until(
+    predicate: Callable[[], T], what: str, timeout: float = 30.0, interval: float = 0.005
+) -> T:
+    """Poll ``predicate`` until it returns something true and return that; fail the test
+    with "timed out after N s waiting until WHAT" when ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting until {what}")
+        time.sleep(interval)
+
+
+def process_gone(pid: int) -> bool:
+    """True once every thread of process ``pid`` has exited.
+
+    The process may stay a zombie (its parent reaps it later): by then its files are closed,
+    so a FUSE daemon's connection is aborted. A thread-group leader shows "Z" while its other
+    threads are still exiting and still hold the files, so those must be gone as well.
+    """
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    if any(tid != str(pid) for tid in tids):
+        return False
+    state = data[data.rindex(b")") + 2 : data.rindex(b")") + 3]
+    return state in (b"Z", b"X")
+
+
+@dataclass(frozen=True)
+class FileLock:
+    """One line of ``/proc/locks`` for a given file.
+
+    ``kind`` is POSIX (classic ``fcntl`` record lock, as Go's ``pkg/lockfile`` takes),
+    OFDLCK (open file description lock, as layerfs takes) or FLOCK; ``mode`` is READ or
+    WRITE; ``pid`` is the holder's (or waiter's) process, -1 for OFD locks; ``waiting`` is
+    True for a request that is blocked behind a conflicting lock.
+    """
+
+    kind: str
+    mode: str
+    pid: int
+    waiting: bool
+
+
+def file_locks(path: str) -> list[FileLock]:
+    """Locks held on, and requests blocked on, the file at ``path`` (matched by device and
+    inode, as ``/proc/locks`` names files)."""
+    st = os.stat(path)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    out = []
+    with open("/proc/locks") as f:
+        for line in f:
+            words = line.split()
+            waiting = len(words) > 1 and words[1] == "->"
+            if waiting:
+                del words[1]
+            if len(words) < 6 or words[5] != key:
+                continue
+            out.append(FileLock(words[1], words[3], int(words[4]), waiting))
+    return out
+
+
+def holds_lock(path: str, pid: int, mode: str | None = None) -> bool:
+    """Whether process ``pid`` holds a POSIX lock on ``path`` (of ``mode``, if given)."""
+    return any(
+        lock.pid == pid and not lock.waiting and mode in (None, lock.mode)
+        for lock in file_locks(path)
+    )
+
+
+def waits_for_lock(path: str, pid: int | None = None, kind: str | None = None) -> bool:
+    """Whether a request for a lock on ``path`` is blocked (by process ``pid`` and/or of
+    ``kind``, when given; OFD waiters show pid -1, so match those by kind)."""
+    return any(
+        lock.waiting and pid in (None, lock.pid) and kind in (None, lock.kind)
+        for lock in file_locks(path)
+    )
 
 
 @dataclass

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from conftest import make_tar as make_tar  # re-exported: one tar builder for every suite
+from conftest import process_gone, wait_until
 
 STRESS = int(os.environ.get("LAYERFS_STRESS", "0") or "0")
 
@@ -76,7 +77,6 @@ def figures(kind: str) -> Iterator[Figures]:
 # ------------------------------------------------------------------------------ tars
 
 
-
 def tar_of_tree(top: str, arcname: str, limit: int) -> bytes:
     """A tar of up to ``limit`` regular files and their directories below ``top``."""
     buf = io.BytesIO()
@@ -129,18 +129,13 @@ def daemon_pids(needle: str) -> list[int]:
 
 
 def wait_gone(pid: int, timeout: float = 10.0) -> bool:
-    """Wait until ``pid`` is gone or a zombie; True if it went."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return True
-        if data[data.rindex(b")") + 2 : data.rindex(b")") + 3] in (b"Z", b"X"):
-            return True
-        time.sleep(0.02)
-    return False
+    """Wait until every thread of ``pid`` has exited (gone or a zombie); True if it did,
+    False after ``timeout`` seconds (callers decide whether that is a failure)."""
+    try:
+        wait_until(lambda: process_gone(pid), f"process {pid} has exited", timeout)
+    except AssertionError:
+        return False
+    return True
 
 
 def rss_kib(pid: int) -> int:

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import IN_CI, GoTool, StorePaths, run_and_kill
+from conftest import GoTool, StorePaths, run_and_kill
 
 pytestmark = pytest.mark.interop
 
@@ -55,6 +55,9 @@ def test_sigkill_during_mutations_loses_no_acknowledged_work(go: GoTool, paths: 
             rng.uniform(0.25, 0.9),
         )
         kills += killed
+        # run_and_kill starts the delay at the worker's first acknowledgement, and 10,000
+        # iterations outlast it by far: every trial kills mid-run, whatever the machine's speed
+        assert killed, f"trial {trial}: the worker finished before the kill"
         in_doubt: set[str] = set()
         for line in out.split("\n")[:-1]:  # a line cut by the kill is not an acknowledgement
             kind, layer_id, *rest = line.split()
@@ -87,4 +90,4 @@ def test_sigkill_during_mutations_loses_no_acknowledged_work(go: GoTool, paths: 
         assert set(os.listdir(home)) - {"l", ".has-mount-program"} == set(present)
         leftovers = [n for n in os.listdir(store.files.layers_dir) if n.startswith(".tmp-")]
         assert leftovers == []
-    assert kills >= (TRIALS * 3) // 4 or not IN_CI, "most trials must kill mid-run"
+    assert kills == TRIALS

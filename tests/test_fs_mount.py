@@ -7,12 +7,12 @@ import os
 import shutil
 import signal
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from conftest import process_gone, wait_until
 from fs_helpers import (
     Layer,
     assert_same_tree,
@@ -211,10 +211,7 @@ def test_kill9_leaves_dead_mount_that_detach_cleans(tmp_path: Path) -> None:
         assert daemon_pid_alive(pid) and is_mountpoint(str(mnt))
         assert not is_dead_fuse_mount(str(mnt))
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while daemon_pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not daemon_pid_alive(pid)
+        wait_until(lambda: process_gone(pid), f"SIGKILLed daemon {pid} has exited", 10)
         assert is_mountpoint(str(mnt))
         assert is_dead_fuse_mount(str(mnt))
         assert detach(str(mnt))
@@ -233,10 +230,7 @@ def test_sigterm_unmounts_cleanly(tmp_path: Path) -> None:
     pid = spawn_daemon(dirs, [], str(mnt), index_path=None, log_path=str(log))
     try:
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while daemon_pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not daemon_pid_alive(pid)
+        wait_until(lambda: process_gone(pid), f"daemon {pid} has exited on SIGTERM", 10)
         assert not is_mountpoint(str(mnt))
         assert "unmounted" in log.read_text()
     finally:

@@ -7,11 +7,10 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
-from conftest import GoTool, LayerfsCLI, StorePaths
+from conftest import GoTool, LayerfsCLI, StorePaths, holds_lock, wait_until, waits_for_lock
 from layerfs.store.layers import Store
 
 pytestmark = pytest.mark.interop
@@ -72,24 +71,22 @@ def test_names_added_on_either_side_are_seen_by_the_other(go: GoTool, cli: Layer
 
 def test_go_waits_while_layerfs_holds_the_write_lock(go: GoTool, paths: StorePaths) -> None:
     store = paths.store()
-    store.create_layer(names=["x"])
-    started = threading.Event()
-    result: dict[str, float] = {}
-
-    def run_go() -> None:
-        started.set()
-        t0 = time.monotonic()
-        go.run("layers")
-        result["waited"] = time.monotonic() - t0
-
+    made = store.create_layer(names=["x"]).id
     with store.lock.write():
-        worker = threading.Thread(target=run_go)
-        worker.start()
-        started.wait()
-        time.sleep(1.5)
-        assert worker.is_alive(), "containers-storage did not wait for our write lock"
-    worker.join(30)
-    assert result["waited"] >= 1.0
+        proc = subprocess.Popen(go.argv("layers"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_until(
+                lambda: proc.poll() is not None or waits_for_lock(paths.layers_lock, proc.pid),
+                "containers-storage is blocked on layers.lock (in /proc/locks)",
+            )
+            assert proc.poll() is None, "containers-storage did not wait for our write lock"
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode(errors="replace")
+    assert made in out.decode()
 
 
 def test_layerfs_waits_while_go_holds_the_lock(go: GoTool, paths: StorePaths) -> None:
@@ -98,7 +95,6 @@ def test_layerfs_waits_while_go_holds_the_lock(go: GoTool, paths: StorePaths) ->
     store.create_layer(names=["x"])
     proc = subprocess.Popen(go.argv("import-layer", "-n", "slow"), stdin=subprocess.PIPE)
     assert proc.stdin is not None
-    time.sleep(1.0)  # Go has opened the store and is reading stdin under the lock
     done = threading.Event()
 
     def ours() -> None:
@@ -106,13 +102,28 @@ def test_layerfs_waits_while_go_holds_the_lock(go: GoTool, paths: StorePaths) ->
         done.set()
 
     worker = threading.Thread(target=ours)
-    worker.start()
-    time.sleep(1.0)
-    assert not done.is_set(), "layerfs wrote while containers-storage held the lock"
-    proc.stdin.write(b"\0" * 1024)
-    proc.stdin.close()
-    proc.wait(30)
-    worker.join(30)
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or holds_lock(paths.layers_lock, proc.pid, "WRITE"),
+            "containers-storage holds layers.lock while it reads the layer from stdin",
+        )
+        assert proc.poll() is None, "containers-storage ended before it was fed"
+        worker.start()
+        wait_until(
+            lambda: done.is_set() or waits_for_lock(paths.layers_lock, kind="OFDLCK"),
+            "our create_layer is blocked on layers.lock",
+        )
+        assert not done.is_set(), "layerfs wrote while containers-storage held the lock"
+        assert holds_lock(paths.layers_lock, proc.pid, "WRITE")
+        proc.stdin.write(b"\0" * 1024)
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if worker.is_alive() or done.is_set():
+            worker.join(30)
     assert done.is_set()
     assert {la.names[0] for la in store.layers()} == {"x", "slow", "after"}
 

@@ -10,26 +10,36 @@ import threading
 import time
 from pathlib import Path
 
+from conftest import file_locks, wait_until, waits_for_lock
 from layerfs.store.lockfile import TOKEN_SIZE, LastWrite, LockFile
 
 _HOLD_POSIX = """
-import fcntl, sys, time
+import fcntl, sys
 f = open(sys.argv[1], "r+")
 fcntl.lockf(f, fcntl.LOCK_SH if sys.argv[2] == "sh" else fcntl.LOCK_EX)
 print("locked", flush=True)
-time.sleep(float(sys.argv[3]))
+sys.stdin.readline()  # hold the lock until the parent says "release" (or closes the pipe)
 """
 
 
-def _hold_posix(path: str, mode: str, seconds: float) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_POSIX, path, mode, str(seconds)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
+class PosixHolder:
+    """Another process holding a classic POSIX lock (as Go does) until :meth:`release`."""
+
+    def __init__(self, path: str, mode: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLD_POSIX, path, mode],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "locked"
+
+    def release(self) -> None:
+        """Tell the holder to let go, and wait until it has exited."""
+        assert self.proc.stdin is not None
+        self.proc.communicate("release\n", timeout=30)
+        assert self.proc.returncode == 0
 
 
 def test_token_layout_and_freshness() -> None:
@@ -59,22 +69,37 @@ def test_record_write_changes_the_token_without_truncating(tmp_path: Path) -> No
 def test_a_posix_lock_holder_in_another_process_blocks_our_writer(tmp_path: Path) -> None:
     path = str(tmp_path / "layers.lock")
     Path(path).touch()
-    holder = _hold_posix(path, "ex", 1.0)
-    start = time.monotonic()
-    with LockFile(path).write():
-        waited = time.monotonic() - start
-    holder.wait()
-    assert waited > 0.5
+    holder = PosixHolder(path, "ex")
+    got = threading.Event()
+
+    def take() -> None:
+        with LockFile(path).write():
+            got.set()
+
+    worker = threading.Thread(target=take)
+    worker.start()
+    try:
+        wait_until(
+            lambda: got.is_set() or waits_for_lock(path, kind="OFDLCK"),
+            "our write lock request is blocked behind the POSIX holder",
+        )
+        assert not got.is_set(), "we took the write lock while another process held it"
+    finally:
+        holder.release()
+        worker.join(30)
+    assert got.is_set(), "the write lock was not granted after the holder let go"
 
 
 def test_shared_locks_coexist_and_exclude_writers(tmp_path: Path) -> None:
     path = str(tmp_path / "layers.lock")
     Path(path).touch()
-    holder = _hold_posix(path, "sh", 1.0)
-    with LockFile(path).read():
-        assert holder.poll() is None  # we got a shared lock while it holds one
-    assert LockFile(path).try_write() is None
-    holder.wait()
+    holder = PosixHolder(path, "sh")
+    try:
+        with LockFile(path).read():
+            assert holder.proc.poll() is None  # we got a shared lock while it holds one
+        assert LockFile(path).try_write() is None
+    finally:
+        holder.release()
     got = LockFile(path).try_write()
     assert got is not None
     got.release()
@@ -101,7 +126,8 @@ def test_closing_another_descriptor_does_not_drop_our_lock(tmp_path: Path) -> No
 
 
 def test_threads_of_one_process_exclude_each_other(tmp_path: Path) -> None:
-    lock = LockFile(str(tmp_path / "layers.lock"))
+    path = str(tmp_path / "layers.lock")
+    lock = LockFile(path)
     inside = 0
     worst = 0
     guard = threading.Lock()
@@ -113,13 +139,22 @@ def test_threads_of_one_process_exclude_each_other(tmp_path: Path) -> None:
                 with guard:
                     inside += 1
                     worst = max(worst, inside)
+                # Not synchronisation: a short pause inside the lock gives the other threads
+                # a chance to barge in; the result below does not depend on it.
                 time.sleep(0.0005)
                 with guard:
                     inside -= 1
 
     threads = [threading.Thread(target=worker) for _ in range(4)]
+    with lock.write():  # all four must queue behind this holder, none may get in
+        for t in threads:
+            t.start()
+        wait_until(
+            lambda: sum(lk.waiting for lk in file_locks(path)) == len(threads),
+            "all four threads are blocked on the lock we hold",
+        )
+        assert inside == 0
     for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        t.join(60)
+        assert not t.is_alive(), "a thread never got the lock"
     assert worst == 1

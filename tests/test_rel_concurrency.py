@@ -75,9 +75,18 @@ def _start(paths: StorePaths, phase: str) -> list[tuple[str, int, subprocess.Pop
             ("p", [sys.executable, "-c", _LAYERFS_WORKER]),
             ("g", ["bash", "-c", _GO_WORKER, "go-worker"]),
         ):
-            procs.append((kind, w, subprocess.Popen(
-                [*argv, paths.root, paths.runroot, str(w), str(ROUNDS), phase],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+            procs.append(
+                (
+                    kind,
+                    w,
+                    subprocess.Popen(
+                        [*argv, paths.root, paths.runroot, str(w), str(ROUNDS), phase],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    ),
+                )
+            )
     return procs
 
 
@@ -151,10 +160,21 @@ def test_layerfs_and_go_workers_lose_no_update(go: GoTool, paths: StorePaths) ->
                     go.run("unmount", lid, check=False)
                 else:
                     subprocess.run(
-                        [sys.executable, "-m", "layerfs", "--root", paths.root, "--runroot",
-                         paths.runroot, "unmount", "--force", lid], capture_output=True)
+                        [
+                            sys.executable,
+                            "-m",
+                            "layerfs",
+                            "--root",
+                            paths.root,
+                            "--runroot",
+                            paths.runroot,
+                            "unmount",
+                            "--force",
+                            lid,
+                        ],
+                        capture_output=True,
+                    )
             for pid in daemon_pids(paths.root):
                 wait_gone(pid)
         assert not mounts_below(paths.root, "fuse")
         assert not daemon_pids(paths.root)
-

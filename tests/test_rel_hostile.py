@@ -38,7 +38,6 @@ from layerfs.errors import LayerfsError
 from layerfs.store.layers import Store
 from layerfs.store.record import decode_layers
 from rel_helpers import (
-    figures,
     make_tar,
     pax_entry,
     raw_entry,
@@ -386,11 +385,3 @@ def test_fuzz_store_over_mutated_layers_json(data: bytes) -> None:
             pass
         assert tree_snapshot(os.path.join(top, "victim")) == outside
         assert sorted(os.listdir(top)) == ["a", "run", "victim"]
-
-
-def test_fuzz_figures() -> None:
-    """Record the fuzzing budget in the report (the hypothesis tests run EXAMPLES each)."""
-    with figures("fuzz (hypothesis, 5 targets)") as fig:
-        fig.trials = 5
-        fig.ops = 5 * EXAMPLES
-        fig.notes["corpus"] = len(CORPUS)

@@ -90,8 +90,7 @@ def test_runc_runs_a_container_on_a_layerfs_view(cli: LayerfsCLI, tmp_path: Path
         spec["process"]["args"] = [
             "sh",
             "-c",
-            "cat /etc/from-base /data/from-mid /etc/from-top && "
-            "test ! -e /etc/deleted && echo ok",
+            "cat /etc/from-base /data/from-mid /etc/from-top && test ! -e /etc/deleted && echo ok",
         ]
         spec_path.write_text(json.dumps(spec))
         proc = subprocess.run(

@@ -7,12 +7,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import GoTool, LayerfsCLI, StorePaths, make_tar, require_root
+from conftest import (
+    GoTool,
+    LayerfsCLI,
+    StorePaths,
+    make_tar,
+    process_gone,
+    require_root,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -43,6 +50,14 @@ def _daemon_pid(paths: StorePaths, layer_id: str) -> int:
         return int(json.load(f)["pid"])
 
 
+def _kill_daemon(paths: StorePaths, layer_id: str) -> None:
+    """SIGKILL the view's daemon and wait until it has exited (its FUSE connection is then
+    aborted: the view answers ENOTCONN)."""
+    pid = _daemon_pid(paths, layer_id)
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: process_gone(pid), f"SIGKILLed daemon {pid} has exited")
+
+
 def test_mount_counts_and_unmount_at_zero(cli: LayerfsCLI, chain: str, paths: StorePaths) -> None:
     path = cli.out("mount", chain).strip()
     try:
@@ -59,11 +74,7 @@ def test_mount_counts_and_unmount_at_zero(cli: LayerfsCLI, chain: str, paths: St
         assert os.path.ismount(path)
         assert "unmounted" in cli.out("unmount", path)  # by mount point
         assert not _fuse_mounts_below(paths.root)
-        for _ in range(100):
-            if not os.path.exists(f"/proc/{pid}"):
-                break
-            time.sleep(0.05)
-        assert not os.path.exists(f"/proc/{pid}"), "daemon still running after unmount"
+        wait_until(lambda: process_gone(pid), f"daemon {pid} has exited after unmount")
         assert cli.out("mounted", chain).strip() == "0"
     finally:
         cli.run("unmount", "--force", chain, check=False)
@@ -82,8 +93,7 @@ def test_writes_are_refused_with_erofs(cli: LayerfsCLI, chain: str) -> None:
 def test_kill_9_is_detected_and_repaired(cli: LayerfsCLI, chain: str, paths: StorePaths) -> None:
     path = cli.out("mount", chain).strip()
     layer_id = json.loads(cli.out("layer", "--json", chain))[0]["id"]
-    os.kill(_daemon_pid(paths, layer_id), signal.SIGKILL)
-    time.sleep(0.2)
+    _kill_daemon(paths, layer_id)
     with pytest.raises(OSError) as err:
         os.listdir(path)
     assert err.value.errno == 107  # ENOTCONN: transport endpoint is not connected
@@ -92,8 +102,7 @@ def test_kill_9_is_detected_and_repaired(cli: LayerfsCLI, chain: str, paths: Sto
     again = cli.out("mount", chain).strip()
     try:
         assert sorted(os.listdir(again)) == ["b", "d"]
-        os.kill(_daemon_pid(paths, layer_id), signal.SIGKILL)
-        time.sleep(0.2)
+        _kill_daemon(paths, layer_id)
         again2 = cli.out("mount", chain).strip()  # mount itself repairs too
         assert sorted(os.listdir(again2)) == ["b", "d"]
         assert cli.out("mounted", chain).strip() == "1"
@@ -179,11 +188,7 @@ def test_sigterm_unmounts_cleanly(cli: LayerfsCLI, chain: str, paths: StorePaths
     layer_id = json.loads(cli.out("layer", "--json", chain))[0]["id"]
     pid = _daemon_pid(paths, layer_id)
     os.kill(pid, signal.SIGTERM)
-    for _ in range(100):
-        if not os.path.ismount(path):
-            break
-        time.sleep(0.05)
-    assert not os.path.ismount(path)
+    wait_until(lambda: not os.path.ismount(path), f"SIGTERM made daemon {pid} unmount {path}")
     assert cli.out("mounted", chain).strip() == "0"
 
 
@@ -226,8 +231,7 @@ def layerfs_file() -> str:
 def test_a_dead_view_does_not_block_delete(cli: LayerfsCLI, chain: str, paths: StorePaths) -> None:
     cli.out("mount", chain)
     layer_id = json.loads(cli.out("layer", "--json", chain))[0]["id"]
-    os.kill(_daemon_pid(paths, layer_id), signal.SIGKILL)
-    time.sleep(0.2)
+    _kill_daemon(paths, layer_id)
     assert cli.out("delete-layer", chain).strip() == layer_id
     assert not _fuse_mounts_below(paths.root)
     assert not os.path.exists(os.path.join(paths.root, "overlay", layer_id))
