@@ -73,10 +73,11 @@ def _open_backing(path: bytes) -> int:
 
 
 def describe_os_error(e: OSError) -> str:
-    """``strerror: path`` of an OSError, the path decoded (never ``b'...'``)."""
+    """``path: strerror`` of an OSError (just ``strerror`` without a path), the path decoded
+    (never ``b'...'``)."""
     text = e.strerror or type(e).__name__
     if e.filename is not None:
-        text += f": {os.fsdecode(e.filename)}"
+        text = f"{os.fsdecode(e.filename)}: {text}"
     return text
 
 
