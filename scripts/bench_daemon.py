@@ -7,8 +7,9 @@ Builds (once, reused) a two-layer chain under WORKDIR: N small files in director
 plus, in the bottom layer, one file of M MiB for random reads. Then, on a fresh layerfs mount:
 
 * ``meta``: getxattr latency (p50/p99 in microseconds; FUSE does not cache xattrs, so every
-  call reaches the daemon) while idle, then while another process does 4 KiB random reads of
-  the big file after ``drop_caches`` (POSIX_FADV_RANDOM, so no readahead hides the disk);
+  call reaches the daemon; one probe every 0.5 ms) while idle, then while another process
+  does 4 KiB random reads of the big file after ``drop_caches`` (POSIX_FADV_RANDOM, so no
+  readahead hides the disk); ``reader_reads`` is how many reads that process completed;
 * ``tree``: warm ``tar -cf - . | cat``, ``find`` and ``ls -laR`` (each run once cold to prime,
   then timed warm, median of 3);
 * ``rss``: the daemon's VmRSS after one full ``find`` (and that find's time, cold and warm).
@@ -63,18 +64,22 @@ def build(work: str, files: int, big_mib: int) -> list[str]:
     return [top, bottom]
 
 
+PROBE_PAUSE = 0.0005
+"""Seconds between two probes (a busy-looping probe would compete with the reads it measures)."""
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return round(xs[min(len(xs) - 1, int(len(xs) * p))] * 1e6, 1)
 
 
-def probe(path: str, seconds: float) -> dict[str, float]:
+def probe(path: str, seconds: float, pause: float = PROBE_PAUSE) -> dict[str, float]:
     lat: list[float] = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         t0 = time.perf_counter()
         os.getxattr(path, "user.bench")
         lat.append(time.perf_counter() - t0)
+        time.sleep(pause)  # a paced probe: it must not load the daemon itself
     return {"n": len(lat), "p50_us": pct(lat, 0.5), "p99_us": pct(lat, 0.99)}
 
 
