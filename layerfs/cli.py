@@ -528,14 +528,32 @@ def _open_view(store: Store, target: str) -> tuple[Any, list[str]]:
 
 @_command("which")
 def _which(store: Store, args: argparse.Namespace) -> int:
+    import errno
+
+    from layerfs.fs.viewpath import ViewPathError, resolve_parent
+
     index, ids = _open_view(store, args.target)
-    info = index.which(args.path)
+    # Directories on the way are resolved in the view (following symbolic links, confined to
+    # it); the last component is explained as it is, a link included (like ls -ld).
+    followed = False
+    try:
+        parent, name = resolve_parent(index, args.path)
+    except ViewPathError as e:
+        if e.errno != errno.ENOENT:
+            raise
+        path = args.path  # a directory on the way is not in the view: explain it as given
+    else:
+        followed = parent.followed
+        path = parent.path.rstrip("/") + "/" + os.fsdecode(name) if name else parent.path
+    info = index.which(path)
 
     def layer(i: int | None) -> str | None:
         return None if i is None else ids[i]
 
     result = {
         "path": info.path,
+        "requested": args.path,
+        "followed_symlinks": followed,
         "visible": info.visible,
         "layer": layer(info.layer),
         "kind": info.kind,
@@ -548,6 +566,13 @@ def _which(store: Store, args: argparse.Namespace) -> int:
         return 0 if info.visible else 1
     if info.visible:
         _out(f"{info.path}: {info.kind} from layer {result['layer']}")
+    elif info.whiteout_layer is not None:
+        _out(f"{info.path}: deleted (whiteout) in layer {result['whiteout']}")
+    else:
+        _out(f"{info.path}: not in the view")
+    if followed:
+        _out(f"  resolved from {args.path} (symbolic links followed)")
+    if info.visible:
         for other in result["merged"]:
             if other != result["layer"]:
                 _out(f"  merged with directory in {other}")
@@ -555,11 +580,8 @@ def _which(store: Store, args: argparse.Namespace) -> int:
             _out(f"  shadows {other}")
         return 0
     if info.whiteout_layer is not None:
-        _out(f"{info.path}: deleted (whiteout) in layer {result['whiteout']}")
         for other in result["shadowed"]:
             _out(f"  hides {other}")
-    else:
-        _out(f"{info.path}: not in the view")
     return 1
 
 
@@ -567,10 +589,12 @@ def _which(store: Store, args: argparse.Namespace) -> int:
 def _ls(store: Store, args: argparse.Namespace) -> int:
     import stat as st
 
+    from layerfs.fs.viewpath import resolve
+
     index, ids = _open_view(store, args.target)
-    ino = index.resolve(args.path)
-    if ino is None:
-        raise LayerfsError(f"{args.path}: no such file or directory in the view")
+    # resolved in the view, following links on the way; a link itself is shown (ls -ld),
+    # unless the path ends in "/"
+    ino = resolve(index, args.path, follow_last=False).ino
     entries = index.children(ino) if index.is_dir(ino) else [(os.fsencode(args.path), ino)]
     rows = []
     for name, child in entries:
@@ -603,27 +627,18 @@ def _ls(store: Store, args: argparse.Namespace) -> int:
 def _cat(store: Store, args: argparse.Namespace) -> int:
     import stat as st
 
+    from layerfs.fs.viewpath import resolve
+
     index, _ = _open_view(store, args.target)
-    path = args.path
-    for _hop in range(40):
-        ino = index.resolve(path)
-        if ino is None:
-            raise LayerfsError(f"{args.path}: no such file in the view")
-        mode = index.attr(ino).mode
-        if st.S_ISLNK(mode):
-            target = os.fsdecode(index.readlink(ino))
-            base = os.path.dirname("/" + path.lstrip("/"))
-            path = os.path.normpath(os.path.join(base, target))  # confined: resolved in the view
-            continue
-        if not st.S_ISREG(mode):
-            raise LayerfsError(f"{args.path}: not a regular file")
-        sys.stdout.flush()
-        with open(index.backing_path(ino), "rb") as f:
-            while chunk := f.read(1 << 20):
-                sys.stdout.buffer.write(chunk)
-        sys.stdout.buffer.flush()
-        return 0
-    raise LayerfsError(f"{args.path}: too many levels of symbolic links")
+    ino = resolve(index, args.path, follow_last=True).ino  # confined to the view
+    if not st.S_ISREG(index.attr(ino).mode):
+        raise LayerfsError(f"{args.path}: not a regular file")
+    sys.stdout.flush()
+    with open(index.backing_path(ino), "rb") as f:
+        while chunk := f.read(1 << 20):
+            sys.stdout.buffer.write(chunk)
+    sys.stdout.buffer.flush()
+    return 0
 
 
 # --------------------------------------------------------------------- parser

@@ -23,16 +23,19 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import stat
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pyfuse3
 import trio
 
 from layerfs.fs.index import open_index
-from layerfs.fs.ops import UnionOperations
+from layerfs.fs.ops import WORKER_TASKS, UnionOperations, describe_os_error
 
 log = logging.getLogger("layerfs.fs.daemon")
 
@@ -59,6 +62,107 @@ def set_read_ahead(mountpoint: str, kb: int) -> bool:
         log.info("cannot set %s: %s", path, e)
         return False
     return True
+
+
+FUSE_DEVICE = "/dev/fuse"
+FUSE_DEVICE_NUMBER = os.makedev(10, 229)
+FUSERMOUNT = "fusermount3"
+FUSERMOUNT_DIR = "/usr/bin"  # where libfuse looks first; then $PATH
+FUSE_CONF = "/etc/fuse.conf"
+
+
+class MountSetupError(Exception):
+    """A mount cannot work; the message is the one line the user gets (on the ERROR line)."""
+
+
+def _fusermount_path() -> str | None:
+    first = os.path.join(FUSERMOUNT_DIR, FUSERMOUNT)
+    if os.access(first, os.X_OK) and os.path.isfile(first):
+        return first
+    return shutil.which(FUSERMOUNT)
+
+
+def _user_allow_other() -> bool:
+    try:
+        with open(FUSE_CONF, "rb") as f:
+            return any(line.strip() == b"user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
+def preflight(mountpoint: str, allow_other: bool) -> None:
+    """Check what a FUSE mount needs before building the index; raise MountSetupError naming
+    the first thing missing. libfuse itself only says "fuse_session_mount failed"."""
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise MountSetupError(f"mount point {mountpoint} does not exist") from None
+    except OSError as e:
+        raise MountSetupError(f"mount point {mountpoint}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountSetupError(f"mount point {mountpoint} is not a directory")
+    try:
+        fd = os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise MountSetupError(f"cannot open {FUSE_DEVICE}: {e.strerror}") from None
+    try:
+        dev = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISCHR(dev.st_mode) or dev.st_rdev != FUSE_DEVICE_NUMBER:
+        raise MountSetupError(f"cannot open {FUSE_DEVICE}: it is not the FUSE device (10:229)")
+    if os.geteuid() == 0:
+        return  # root mounts directly (also root of a user namespace)
+    fusermount = _fusermount_path()
+    if fusermount is None:
+        raise MountSetupError(f"{FUSERMOUNT} not found: it is needed to mount without root")
+    if allow_other and not _user_allow_other():
+        raise MountSetupError(f"allow_other needs user_allow_other in {FUSE_CONF} (or root)")
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """Collect what is written to fd 2 (libfuse and fusermount3 report there) into the
+    yielded list of non-empty lines; the text is copied to the real stderr (the log) too."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            data = tmp.read()
+            if data:
+                os.write(2, data)
+            text = data.decode(errors="replace")
+            lines.extend(ln.strip() for ln in text.splitlines() if ln.strip())
+
+
+def init_fuse(ops: UnionOperations, mountpoint: str, options: set[str]) -> None:
+    """``pyfuse3.init`` with libfuse's own complaint as the error (MountSetupError)."""
+    with _stderr_captured() as said:
+        try:
+            pyfuse3.init(ops, mountpoint, options)
+            return
+        except RuntimeError:
+            pass
+    reason = said[-1] if said else "the kernel refused the FUSE mount"
+    raise MountSetupError(f"cannot mount {mountpoint}: {reason}")
+
+
+def failure_message(stage: str, mountpoint: str, e: Exception) -> str:
+    """The one line for a failed mount (no traceback, no ``b'...'``)."""
+    if isinstance(e, MountSetupError):
+        return str(e)
+    text = describe_os_error(e) if isinstance(e, OSError) else str(e) or type(e).__name__
+    if stage == "index":
+        return f"cannot index the layers: {text}"
+    return f"cannot mount {mountpoint}: {text}"
 
 
 class _Ready:
@@ -108,10 +212,9 @@ async def _serve(mountpoint: str, read_ahead_kb: int, ready: _Ready) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals)
         nursery.start_soon(_announce, mountpoint, read_ahead_kb, ready)
-        # One worker task: every handler is a short blocking call that never awaits, so
-        # more tasks add trio scheduling per request without serving anything in parallel
-        # (measured: warm ls -laR -15%, tar -20%, find -25% on a 21k-entry chain).
-        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        # Metadata handlers never await; opens and uncached reads wait in worker threads, so
+        # more than one task is needed to keep receiving requests meanwhile (see ops.py).
+        await pyfuse3.main(min_tasks=1, max_tasks=WORKER_TASKS)
         nursery.cancel_scope.cancel()
 
 
@@ -131,7 +234,10 @@ def serve(
     Runs in the calling process (the CLI can call it for ``--foreground``)."""
     ready = _Ready(ready_fd)
     ready.send(f"PID {os.getpid()}")
+    stage = "check"
     try:
+        preflight(mountpoint, allow_other)
+        stage = "index"
         t0 = time.monotonic()
         index, cached = open_index(diff_dirs, index_path)
         log.info(
@@ -141,11 +247,16 @@ def serve(
             len(diff_dirs),
             time.monotonic() - t0,
         )
+        stage = "mount"
         ops = UnionOperations(index, layer_ids)
-        pyfuse3.init(ops, mountpoint, mount_options(allow_other, for_container))
+        init_fuse(ops, mountpoint, mount_options(allow_other, for_container))
     except Exception as e:
-        log.exception("mount of %s failed", mountpoint)
-        ready.send(f"ERROR {type(e).__name__}: {e}")
+        msg = failure_message(stage, mountpoint, e)
+        if isinstance(e, (MountSetupError, OSError)):
+            log.error("mount of %s failed: %s", mountpoint, msg)
+        else:
+            log.exception("mount of %s failed: %s", mountpoint, msg)
+        ready.send(f"ERROR {msg}")
         ready.close()
         return 1
     status = 0
