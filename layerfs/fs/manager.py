@@ -50,7 +50,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from layerfs.errors import AmbiguousLayerError, InvalidArgumentError, LayerUnknownError, MountError
 from layerfs.fs import mount as fuse_mount
@@ -552,7 +552,8 @@ class MountManager:
         return count
 
     def repair(self, target: str) -> None:
-        """Detach a dead view and drop stale counts of one layer, if it has a record."""
+        """Detach a dead view and drop stale counts of one layer, if it has a record.
+        Never waits: while another layerfs command holds the layer, nothing is done."""
         try:
             layer_id = self.resolve(target)
         except LayerUnknownError:
@@ -561,8 +562,16 @@ class MountManager:
             pending.daemon_file(self.store.runroot, layer_id)
         ):
             return
-        with self._layer_lock(layer_id):
+        os.makedirs(self.locks_dir, mode=0o700, exist_ok=True)
+        lock = FileLock(pending.layer_lock_path(self.store.runroot, layer_id), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return  # a mount or unmount is under way: the store's pending rule decides
+        try:
             self._repair(layer_id)
+        finally:
+            lock.release()
 
     def ps(self) -> list[MountInfo]:
         """Every view (recorded, private, or ours whose record Go dropped), after repairing
