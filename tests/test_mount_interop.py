@@ -245,34 +245,35 @@ def test_a_view_is_not_shared_with_other_options(
         cli.run("unmount", "--force", "top", check=False)
 
 
-def test_a_writable_layer_gets_a_view_go_never_hands_out(
+def test_a_container_layer_gets_a_view_go_never_hands_out(
     cli: LayerfsCLI, go: GoTool, chain: dict[str, str], paths: StorePaths
 ) -> None:
-    """A container layer (no diff digest) viewed by layerfs is not recorded where Go would
-    reuse it: Go's mount of the layer is its own writable overlay."""
-    ctr = cli.out("create-layer", "--writeable", "--name", "ctr", "top").split()[0]
-    view = cli.out("mount", "ctr").strip()
+    """A container's writable layer viewed by layerfs is not recorded where Go would reuse
+    it: Go's mount of the container is its own writable overlay, never our read-only view."""
+    go.run("create-image", "-n", "img", chain["top"])
+    ctr = go.out("create-container", "img").split()[0]
+    layer = json.loads(go.out("container", "--json", ctr))[0]["layer"]
+    view = cli.out("mount", layer).strip()
     try:
-        assert view == os.path.join(paths.runroot, "layerfs", "views", ctr)
+        assert view == os.path.join(paths.runroot, "layerfs", "views", layer)
         assert sorted(os.listdir(view)) == ["b", "d"]
         assert recorded(paths) == {}  # nothing for Go to reuse
-        assert cli.out("mount", "ctr").strip() == view  # layerfs users share it
-        assert cli.out("mounted", "ctr").strip() == "2"
+        assert cli.out("mount", layer).strip() == view  # layerfs users share it
+        assert cli.out("mounted", layer).strip() == "2"
         assert [(v["mountpoint"], v["count"], v["state"]) for v in ps(cli)] == [
             (view, 2, "private")
         ]
-        rootfs = go.out("mount", ctr).strip()  # what Go would give a container
+        rootfs = go.out("mount", ctr).strip()  # what Go gives the container
         assert rootfs != view
         with open(os.path.join(rootfs, "written"), "w") as f:  # writable, not EROFS
             f.write("ok")
-        assert "written" not in os.listdir(view)  # the view shows mount-time contents
-        proc = cli.run("delete-layer", "ctr", check=False)
+        proc = cli.run("delete-layer", layer, check=False)
         assert proc.returncode == 1 and b"unmount it first" in proc.stderr
         go.run("unmount", ctr)
-        assert "still mounted (1)" in cli.out("unmount", "ctr")
-        assert "unmounted" in cli.out("unmount", "ctr")
+        assert "still mounted (1)" in cli.out("unmount", layer)
+        assert "unmounted" in cli.out("unmount", layer)
         assert fuse_mounts_below(paths.runroot) == [] and not os.path.exists(view)
     finally:
-        cli.run("unmount", "--force", "ctr", check=False)
+        cli.run("unmount", "--force", layer, check=False)
         go.run("unmount", ctr, check=False)
-    assert cli.out("delete-layer", "ctr").strip() == ctr
+    go.run("delete-container", ctr)

@@ -9,14 +9,14 @@ pid and the options it was started with — is kept beside them in
 
 Two kinds of layerfs view:
 
-- **shared** (layers with content pinned by a diff digest): recorded in ``mountpoints.json``
+- **shared** (every other layer): recorded in ``mountpoints.json``
   at ``<root>/overlay/<id>/merged`` or a given mount point; Go's ``mount`` of the layer
   returns it and counts it.
-- **private** (a writable layer: no diff digest, e.g. a container layer): Go would hand a
-  recorded view to its container as the root file system, and ours is read-only, so the
-  view is never written to ``mountpoints.json``; its count is kept in the daemon record and
-  its default mount point is ``<runroot>/layerfs/views/<id>``. Go's own mount of the layer
-  (a writable kernel overlay at ``merged``) is independent of it.
+- **private** (a container's writable layer, as Go's ``containers.json`` names it): Go's
+  ``mount`` of the container would hand a recorded view to it as its root file system, and
+  ours is read-only, so the view is never written to ``mountpoints.json``; its count is kept
+  in the daemon record and its default mount point is ``<runroot>/layerfs/views/<id>``.
+  Go's own mount of the layer (a writable kernel overlay at ``merged``) is independent.
 
 A view is only shared with a request that asks for the same options (``--for-container``,
 ``--allow-other``); a different request is refused, naming the live options.
@@ -86,11 +86,6 @@ class _View:
     daemon: DaemonRecord | None  # our daemon record
     record_state: str = "none"  # live / stale / dead / hung / none
     daemon_state: str = "none"  # live / gone / hung / none (for a daemon not at record.path)
-
-
-def is_writable_layer(diff_digest: str) -> bool:
-    """A layer whose content no diff digest pins (a container layer, ``create-layer``)."""
-    return not diff_digest
 
 
 class MountManager:
@@ -293,7 +288,7 @@ class MountManager:
     ) -> tuple[str, str, int]:
         """Mount (or add a user to) the layer's view. Returns (layer id, path, count)."""
         layer_id = self.resolve(target)
-        private = is_writable_layer(self.store.get(layer_id).diff_digest)
+        private = layer_id in pending.container_layers(self.store.root)
         wanted = DaemonRecord(layer_id, 0, "", for_container=for_container, allow_other=allow_other)
         with self._layer_lock(layer_id):
             view = self._repair(layer_id)

@@ -198,3 +198,22 @@ def is_layerfs_daemon(pid: int, mountpoint: str) -> bool:
     return os.fsencode(os.path.abspath(mountpoint)) in argv and any(
         arg.endswith(b"layerfs.fs.daemon") for arg in argv
     )
+
+
+def container_layers(root: str) -> set[str]:
+    """Ids of the layers that Go's container records (``<root>/overlay-containers/
+    containers.json``) name as a container's writable layer: Go's ``mount`` of such a layer
+    hands the result to the container as its root file system.
+
+    Read without ``containers.lock``: Go replaces the file atomically (rename), so a read
+    sees one whole version; an unreadable file counts as no containers.
+    """
+    path = os.path.join(root, "overlay-containers", "containers.json")
+    try:
+        with open(path, "rb") as f:
+            records = json.loads(f.read() or b"[]")
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(records, list):
+        return set()
+    return {r["layer"] for r in records if isinstance(r, dict) and isinstance(r.get("layer"), str)}
