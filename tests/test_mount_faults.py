@@ -22,6 +22,7 @@ from test_mount_interop import daemon_pid, fuse_mounts_below, one_line_error, wa
 
 from conftest import GoTool, LayerfsCLI, StorePaths, make_tar, require_root, require_tool
 from layerfs.errors import LayerMountedError
+from layerfs.fs.mount import probe
 from layerfs.store.lockfile import LockFile
 from layerfs.store.pending import layer_lock_path, pid_alive
 
@@ -84,6 +85,7 @@ def test_a_stopped_daemon_freezes_nothing(
 ) -> None:
     path, pid = stopped
     says = f"daemon {pid} does not answer"
+    assert probe(path, 0.5) == "hung"  # the deadline, not the /proc state, decides here
 
     proc = run(cli.argv("ps", "--json"))
     assert proc.returncode == 0, proc
