@@ -432,7 +432,7 @@ def _mount_foreground(store: Store, manager: Any, args: argparse.Namespace) -> i
     chain = store.chain(layer_id)
     path = os.path.abspath(args.mountpoint or store.driver.merged_dir(layer_id))
     manager._check_mountpoint(path, [store.driver.diff_dir(la.id) for la in chain])
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    manager._make_dir(path, created_parents=args.mountpoint is None)
     argv = [path, *(store.driver.diff_dir(la.id) for la in chain), "--foreground"]
     for layer in chain:
         argv += ["--layer-id", layer.id]

@@ -54,7 +54,7 @@ from filelock import FileLock, Timeout
 
 from layerfs.errors import AmbiguousLayerError, InvalidArgumentError, LayerUnknownError, MountError
 from layerfs.fs import mount as fuse_mount
-from layerfs.mountinfo import entry_at, normalize
+from layerfs.mountinfo import entries, entry_at, normalize
 from layerfs.store import pending
 from layerfs.store.layers import Store
 from layerfs.store.lockfile import LockFile
@@ -423,6 +423,15 @@ class MountManager:
             return
         lock = LockFile(os.path.join(self.store.root, "storage.lock"))
         with lock.write():
+            below = [e.point for e in entries() if e.point.startswith(home + os.sep)]
+            if below:
+                # a bind now would hide them just as Go's would; leave them visible
+                log.warning(
+                    "%s is not a mount point but %s is mounted below it; not binding it",
+                    home,
+                    below[0],
+                )
+                return
             if not fuse_mount.make_private_mount(home):
                 log.info("cannot make %s a private mount (not root); skipped", home)
 

@@ -55,8 +55,8 @@ def layer_busy(runroot: str, layer_id: str) -> bool:
     """
     try:
         fd = os.open(layer_lock_path(runroot, layer_id), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
+    except (FileNotFoundError, PermissionError):
+        return False  # no layerfs command of ours can hold a lock we cannot open
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
