@@ -8,6 +8,7 @@ side of mount failures).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,8 +68,9 @@ def stopped(cli: LayerfsCLI, chain: dict[str, str], paths: StorePaths) -> Iterat
         yield path, pid
     finally:
         if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
             wait_gone(pid)
         subprocess.run(["umount", "-l", path], capture_output=True, check=False)
 
@@ -193,6 +195,48 @@ def test_a_pending_mount_record_blocks_delete(
     assert cli.out("delete-layer", "top").strip() == top
     with open(mounts_json) as f:
         assert json.load(f) == []
+
+
+def test_delete_refuses_while_a_real_mount_is_starting(
+    cli: LayerfsCLI, chain: dict[str, str], paths: StorePaths, tmp_path: Path
+) -> None:
+    """A real ``layerfs mount`` whose daemon is held at start-up (a ``sitecustomize`` in the
+    daemon waits on a FIFO): delete refuses while the mount is pending, and after."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    reached, release = tmp_path / "reached", tmp_path / "release"
+    os.mkfifo(reached)
+    os.mkfifo(release)
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "with open('/proc/self/cmdline', 'rb') as f:\n"
+        "    if b'layerfs.fs.daemon' in f.read():\n"
+        f"        open({str(reached)!r}, 'w').close()\n"
+        f"        open({str(release)!r}).read()\n"
+    )
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mounting = subprocess.Popen(
+        cli.argv("mount", "top"),
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=f"{hook}{os.pathsep}{here}"),
+    )
+    try:
+        with open(reached):  # the daemon is running, held before it mounts
+            pass
+        err = one_line_error(run(cli.argv("delete-layer", "top")))
+        assert "being mounted" in err
+        with pytest.raises(LayerMountedError, match="being mounted"):
+            paths.store().delete_layer("top")
+    finally:
+        with open(release, "w"):
+            pass
+    out, _ = mounting.communicate(timeout=LIMIT)
+    path = out.decode().strip()
+    assert mounting.returncode == 0 and sorted(os.listdir(path)) == ["a", "b"]
+    err = one_line_error(run(cli.argv("delete-layer", "top")))
+    assert "unmount it first" in err
+    cli.run("unmount", "top")
+    assert cli.out("delete-layer", "top").strip() == chain["top"]
 
 
 def test_mount_waits_for_a_pending_mount_and_shares_it(
