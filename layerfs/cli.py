@@ -449,7 +449,7 @@ def _mount_foreground(store: Store, manager: Any, args: argparse.Namespace) -> i
     chain = store.chain(layer_id)
     path = os.path.abspath(args.mountpoint or store.driver.merged_dir(layer_id))
     manager._check_mountpoint(path, [store.driver.diff_dir(la.id) for la in chain])
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    manager._make_dir(path, created_parents=args.mountpoint is None)
     argv = [path, *(store.driver.diff_dir(la.id) for la in chain), "--foreground"]
     for layer in chain:
         argv += ["--layer-id", layer.id]
@@ -502,15 +502,19 @@ def _ps(store: Store, args: argparse.Namespace) -> int:
                     "mountpoint": v.path,
                     "count": v.count,
                     "pid": v.pid,
+                    "state": v.state,
                 }
                 for v in views
             ]
         )
         return 0
-    _out(f"{'LAYER':<14}{'NAMES':<24}{'COUNT':>6} {'PID':>8}  MOUNTPOINT")
+    _out(f"{'LAYER':<14}{'NAMES':<24}{'COUNT':>6} {'PID':>8}  {'STATE':<10}MOUNTPOINT")
     for v in views:
         names = ",".join(v.names) or "-"
-        _out(f"{v.layer_id[:12]:<14}{names[:23]:<24}{v.count:>6} {v.pid or '-':>8}  {v.path}")
+        _out(
+            f"{v.layer_id[:12]:<14}{names[:23]:<24}{v.count:>6} {v.pid or '-':>8}  "
+            f"{v.state:<10}{v.path}"
+        )
     return 0
 
 

@@ -1,37 +1,68 @@
 """What is mounted where, from ``/proc/self/mountinfo``.
 
 Reading the table never touches the mount points themselves, so it also sees mounts whose
-FUSE daemon died (a ``stat`` of those fails with ENOTCONN).
+FUSE daemon died or hangs (a ``stat`` of those fails with ENOTCONN or blocks).
+
+The table is read as bytes and every path is decoded with :func:`os.fsdecode`
+(surrogateescape): a mount point anywhere on the machine whose name is not UTF-8 must not
+break a command that only cares about its own mounts.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
+
+_OCTAL = re.compile(rb"\\([0-7]{3})")
 
 
-def _unescape(field: str) -> str:
-    """Undo the kernel's octal escapes (``\\040`` for a space) in a mountinfo field."""
+def _unescape(field: bytes) -> str:
+    """Undo the kernel's octal escapes (``\\040`` for a space) and decode like a file name."""
+    return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8) & 0xFF]), field))
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of mountinfo: where, what, and the device (``major:minor``) of the mount."""
+
+    point: str
+    fstype: str
+    source: str
+    major: int
+    minor: int
+    options: tuple[str, ...]
+
+
+def entries() -> list[MountEntry]:
+    """Every mount in this mount namespace, in table order (later entries are on top)."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        data = f.read()
     out = []
-    i = 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+    for line in data.splitlines():
+        fields = line.split()
+        try:
+            sep = fields.index(b"-")
+            major, minor = (int(x) for x in fields[2].split(b":"))
+        except ValueError:
+            continue  # not a line of the documented shape
+        opts = os.fsdecode(fields[5]).split(",")
+        out.append(
+            MountEntry(
+                _unescape(fields[4]),
+                os.fsdecode(fields[sep + 1]),
+                _unescape(fields[sep + 2]) if len(fields) > sep + 2 else "",
+                major,
+                minor,
+                tuple(opts),
+            )
+        )
+    return out
 
 
 def mounts() -> list[tuple[str, str, str]]:
     """(mount point, fs type, source) of every mount in this mount namespace, in order."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            out.append((_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2])))
-    return out
+    return [(e.point, e.fstype, e.source) for e in entries()]
 
 
 def normalize(path: str) -> str:
@@ -42,10 +73,19 @@ def normalize(path: str) -> str:
     return os.path.join(os.path.realpath(parent), name) if name else path
 
 
+def entry_at(path: str) -> MountEntry | None:
+    """The topmost mount whose mount point is ``path``, or None."""
+    target = normalize(path)
+    found = None
+    for entry in entries():
+        if entry.point == target:
+            found = entry
+    return found
+
+
 def is_mountpoint(path: str) -> bool:
     """True if something (alive or not) is mounted at ``path``."""
-    target = normalize(path)
-    return any(point == target for point, _, _ in mounts())
+    return entry_at(path) is not None
 
 
 def fs_type_of(path: str) -> str:

@@ -1,49 +1,65 @@
-"""Mount management: resolve a target, keep ``mountpoints.json`` counts, start and stop daemons.
+"""Mount management: resolve a target, keep mount counts, start and stop daemons.
 
-One daemon serves one layer's view. Counts live in ``mountpoints.json`` in the Go format, so
-a layer mounted by ``containers-storage`` (a kernel overlay) and one mounted by layerfs share
-the same records: mounting a live mount only adds to its count and returns its path, as Go
-does. What Go's records cannot hold — the daemon's pid — is kept beside them in
-``<runroot>/layerfs/daemons/<id>.json``.
+One daemon serves one layer's view. Counts of views the Go tool may share live in
+``mountpoints.json`` in the Go format, so a layer mounted by ``containers-storage`` (a kernel
+overlay) and one mounted by layerfs share the same records: mounting a live mount only adds
+to its count and returns its path, as Go does. What Go's records cannot hold — the daemon's
+pid and the options it was started with — is kept beside them in
+``<runroot>/layerfs/daemons/<id>.json`` (:mod:`layerfs.store.pending`).
+
+Two kinds of layerfs view:
+
+- **shared** (every other layer): recorded in ``mountpoints.json``
+  at ``<root>/overlay/<id>/merged`` or a given mount point; Go's ``mount`` of the layer
+  returns it and counts it.
+- **private** (a container's writable layer, as Go's ``containers.json`` names it): Go's
+  ``mount`` of the container would hand a recorded view to it as its root file system, and
+  ours is read-only, so the view is never written to ``mountpoints.json``; its count is kept
+  in the daemon record and its default mount point is ``<runroot>/layerfs/views/<id>``.
+  Go's own mount of the layer (a writable kernel overlay at ``merged``) is independent.
+
+A view is only shared with a request that asks for the same options (``--for-container``,
+``--allow-other``); a different request is refused, naming the live options.
 
 Locks, outermost first:
-1. ``<runroot>/layerfs/locks/<id>.lock`` — a ``filelock`` (``flock``) lock that only
-   layerfs processes take. It makes N concurrent ``mount`` calls of one layer start exactly
-   one daemon. ``flock`` does not exclude Go processes, which is fine here: Go never
-   starts our daemons, and the shared counts below are under the fcntl lock.
+1. ``<runroot>/layerfs/locks/<id>.lock`` — a ``filelock`` (``flock``) lock that only layerfs
+   processes take, held by every layerfs command on the layer's view. It makes N concurrent
+   ``mount`` calls of one layer start exactly one daemon, and marks a record written before
+   the daemon is ready as *pending* (see :mod:`layerfs.store.pending` for the rule).
 2. ``layers.lock`` (shared), then ``mountpoints.lock`` (write), for short updates only,
-   never while a daemon builds its index, so Go processes are not held up by a slow mount.
+   never while a daemon builds its index, and **never while a mount is probed**: the health
+   of a view (statfs with a deadline, the daemon's /proc state) is found first without any
+   store lock, then the record is changed under the locks if it is still the one probed. A
+   stopped or stuck daemon therefore cannot hold up Go or other layerfs commands.
    ``layers.lock`` matters: containers-storage 1.43 loads mountpoints.json when it opens
-   the store and rewrites it from that copy whenever it saves, all under ``layers.lock``;
-   an update made while it held only that lock would be overwritten.
+   the store and rewrites it from that copy whenever it saves, all under ``layers.lock``.
+3. ``<root>/storage.lock`` (Go's graph lock), only around making ``<root>/overlay`` a
+   private mount of its own before the first view below it (Go does the same under it).
 
-A mount is recorded (count + 1 at its path) *before* its daemon starts, and undone if the
-start fails. A ``mount`` killed in between leaves either a live view with its record, or a
-record whose path is not mounted, which the next repair resets: never a view nobody knows.
-
-Repairs done on the way (each mount, unmount, mounted and ps): a recorded FUSE mount
-whose daemon died ("transport endpoint is not connected", or a dead pid) is detached and
-its record dropped; a count whose path is no longer mounted (a reboot, a manual umount)
-is reset.
+Repairs on the way (mount, unmount, mounted, ps): a FUSE view whose daemon died
+(ENOTCONN, or a dead pid) is detached and its records dropped; a count whose path is not
+mounted and not pending is reset; a daemon that does not answer is reported
+("daemon 1234 does not answer"), never waited for; ``unmount --force`` detaches it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-from layerfs.errors import InvalidArgumentError, LayerUnknownError, MountError
+from layerfs.errors import AmbiguousLayerError, InvalidArgumentError, LayerUnknownError, MountError
 from layerfs.fs import mount as fuse_mount
-from layerfs.store.jsonfile import atomic_write
+from layerfs.mountinfo import entries, entry_at, normalize
+from layerfs.store import pending
 from layerfs.store.layers import Store
+from layerfs.store.lockfile import LockFile
 from layerfs.store.mounts import MountRecord
+from layerfs.store.pending import DaemonRecord
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +75,17 @@ class MountInfo:
     path: str
     count: int
     pid: int | None
-    state: str  # "live", "stale" (recorded, not mounted) or "dead" (daemon gone)
+    state: str  # "live", "private", "untracked" (Go dropped its record) or "hung"
+
+
+@dataclass
+class _View:
+    """What one layer has mounted, found without store locks."""
+
+    record: MountRecord | None  # the mountpoints.json record (count > 0)
+    daemon: DaemonRecord | None  # our daemon record
+    record_state: str = "none"  # live / stale / dead / hung / none
+    daemon_state: str = "none"  # live / gone / hung / none (for a daemon not at record.path)
 
 
 class MountManager:
@@ -67,103 +93,187 @@ class MountManager:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.state_dir = os.path.join(store.runroot, "layerfs")
+        self.state_dir = pending.state_dir(store.runroot)
         self.daemons_dir = os.path.join(self.state_dir, "daemons")
         self.locks_dir = os.path.join(self.state_dir, "locks")
         self.logs_dir = os.path.join(self.state_dir, "logs")
+        self.views_dir = os.path.join(self.state_dir, "views")
 
     # ------------------------------------------------------------------ resolution
 
     def resolve(self, target: str) -> str:
-        """Layer id for a layer id/name/prefix or an image name/id."""
+        """Layer id for a layer id/name/prefix or an image id/name/prefix.
+
+        The one resolver of every view command: an ambiguous prefix raises
+        :class:`AmbiguousLayerError` listing the candidates (as ``layer`` and
+        ``delete-layer`` do), whether it matches layers or images.
+        """
         try:
             return self.store.get(target).id
+        except AmbiguousLayerError:
+            raise
         except LayerUnknownError:
-            top = self.store.images.top_layer_of(target)
-            if top is None:
-                raise LayerUnknownError(target, "no layer or image has this name or id") from None
-            return self.store.get(top).id
+            pass
+        images = self.store.images.load()
+        top: str | None = None
+        for image in images:
+            if image.get("id") == target or target in (image.get("names") or []):
+                top = str(image.get("layer") or "")
+                break
+        else:
+            matches = [i for i in images if target and str(i.get("id", "")).startswith(target)]
+            if len(matches) > 1:
+                raise AmbiguousLayerError(target, [str(i.get("id")) for i in matches])
+            if matches:
+                top = str(matches[0].get("layer") or "")
+        if not top:
+            raise LayerUnknownError(target, "no layer or image has this name or id")
+        return self.store.get(top).id
+
+    def _by_path(self, target: str) -> str | None:
+        """The layer whose view (recorded by Go or by us) is at the path *target*."""
+        path = normalize(target)
+        for record in self.store.mount_table.snapshot().values():
+            if normalize(record.path) == path:
+                return record.id
+        for daemon in pending.daemon_records(self.store.runroot):
+            if normalize(daemon.path) == path:
+                return daemon.layer_id
+        return None
 
     def _resolve_target_or_path(self, target: str) -> str:
-        if os.path.isabs(target) or os.path.exists(target):
-            path = os.path.realpath(target)
-            for record in self.store.mount_table.snapshot().values():
-                if os.path.realpath(record.path) == path:
-                    return record.id
+        """A layer for a view's path or a layer/image reference. A path is never stat'ed:
+        it may be the mount point of a hung daemon."""
+        if os.path.isabs(target) or target.startswith("."):
+            found = self._by_path(target)
+            if found is not None:
+                return found
             if not self.store.exists(target):
                 raise MountError(f"{target}: no layer is recorded as mounted there")
-        return self.resolve(target)
+            return self.resolve(target)
+        try:
+            return self.resolve(target)
+        except AmbiguousLayerError:
+            raise
+        except LayerUnknownError:
+            found = self._by_path(target)
+            if found is None:
+                raise
+            return found
 
     @contextlib.contextmanager
     def _counts(self) -> Iterator[dict[str, MountRecord]]:
-        """The mount table for update, under ``layers.lock`` (shared) and ``mountpoints.lock``."""
+        """The mount table for update, under ``layers.lock`` (shared) and ``mountpoints.lock``.
+
+        Nothing that can block on a mount may run inside."""
         with self.store.lock.read(), self.store.mount_table.update() as table:
             yield table
 
     @contextlib.contextmanager
     def _layer_lock(self, layer_id: str) -> Iterator[None]:
         os.makedirs(self.locks_dir, mode=0o700, exist_ok=True)
-        with FileLock(os.path.join(self.locks_dir, f"{layer_id}.lock")):
+        with FileLock(pending.layer_lock_path(self.store.runroot, layer_id)):
             yield
 
     # ------------------------------------------------------------------ daemon records
 
-    def _daemon_file(self, layer_id: str) -> str:
-        return os.path.join(self.daemons_dir, f"{layer_id}.json")
-
     def _daemon_pid(self, layer_id: str, path: str | None = None) -> int | None:
         """The recorded daemon pid, else (given the view's path) the one found in /proc."""
-        try:
-            with open(self._daemon_file(layer_id)) as f:
-                pid = json.load(f).get("pid")
-        except (OSError, ValueError):
-            pid = None
-        if isinstance(pid, int):
-            return pid
+        daemon = pending.read_daemon(self.store.runroot, layer_id)
+        if (
+            daemon is not None
+            and daemon.pid
+            and (path is None or normalize(daemon.path) == normalize(path))
+        ):
+            return daemon.pid
         return fuse_mount.find_daemon_pid(path) if path else None
 
-    def _save_daemon(self, layer_id: str, pid: int, path: str) -> None:
-        os.makedirs(self.daemons_dir, mode=0o700, exist_ok=True)
-        record = {"pid": pid, "path": path, "started": time.time()}
-        atomic_write(self._daemon_file(layer_id), json.dumps(record).encode(), durable=False)
+    def _save_daemon(self, record: DaemonRecord) -> None:
+        pending.write_daemon(self.store.runroot, record)
 
     def _drop_daemon(self, layer_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._daemon_file(layer_id))
+        pending.drop_daemon(self.store.runroot, layer_id)
 
-    # ------------------------------------------------------------------ health
+    # ------------------------------------------------------------------ health (no store lock)
 
-    def _state(self, record: MountRecord) -> str:
-        """live, stale or dead for a record with count > 0."""
-        path = record.path
-        if fuse_mount.is_dead_fuse_mount(path):
-            return "dead"
-        if not fuse_mount.is_mountpoint(path):
+    @staticmethod
+    def _health(path: str, pid: int | None) -> str:
+        """live, stale (not mounted), dead or hung; reads mountinfo and /proc, and probes a
+        FUSE mount only with a deadline. Never call under a store lock."""
+        entry = entry_at(path)
+        if entry is None:
             return "stale"
-        pid = self._daemon_pid(record.id)
-        if pid is not None and not fuse_mount.daemon_pid_alive(pid):
-            return "dead"
-        return "live"
+        if pid is not None:
+            if not pending.pid_alive(pid):
+                return "dead" if entry.fstype.startswith("fuse") else "live"
+            if pending.pid_stopped(pid):
+                return "hung"
+        if not entry.fstype.startswith("fuse"):
+            return "live"  # a kernel overlay made by Go: nothing to probe
+        return fuse_mount.probe(path)
 
-    def _repair(self, table: dict[str, MountRecord], layer_id: str) -> MountRecord | None:
-        """Drop a dead or stale record (detaching a dead mount). Caller holds mountpoints.lock
-        and the layer's lock. Returns the record if it is live."""
-        record = table.get(layer_id)
-        if record is None or record.count <= 0:
-            return None
-        state = self._state(record)
-        if state == "live":
-            return record
-        if state == "dead":
-            log.warning("view of layer %s at %s: daemon is gone; detaching", layer_id, record.path)
-            fuse_mount.detach(record.path)
-        else:
-            log.warning(
-                "count %d for layer %s is stale (not mounted); reset", record.count, layer_id
-            )
-        del table[layer_id]
-        self._drop_daemon(layer_id)
-        return None
+    def _inspect(self, layer_id: str) -> _View:
+        """The layer's records and their health. Caller holds the layer lock, no store lock."""
+        record = self.store.mount_table.snapshot().get(layer_id)
+        daemon = pending.read_daemon(self.store.runroot, layer_id)
+        if daemon is not None and daemon.pid == 0:  # the mount command died before READY
+            daemon.pid = fuse_mount.find_daemon_pid(daemon.path) or 0
+        view = _View(record, daemon)
+        if record is not None:
+            pid = None
+            if daemon is not None and normalize(daemon.path) == normalize(record.path):
+                pid = daemon.pid or None
+            elif entry_at(record.path) is not None:
+                pid = fuse_mount.find_daemon_pid(record.path)
+            view.record_state = self._health(record.path, pid)
+        if daemon is not None and (
+            record is None or normalize(daemon.path) != normalize(record.path)
+        ):
+            state = self._health(daemon.path, daemon.pid)
+            view.daemon_state = {"stale": "gone", "dead": "gone"}.get(state, state)
+            if state == "live" and not pending.is_layerfs_daemon(daemon.pid, daemon.path):
+                view.daemon_state = "gone"  # pid reused; the view is someone else's now
+        elif daemon is not None:
+            view.daemon_state = "at-record"
+        return view
+
+    def _repair(self, layer_id: str) -> _View:
+        """Drop dead and stale records of one layer (detaching a dead mount) and return what
+        is left. Caller holds the layer lock and no store lock."""
+        view = self._inspect(layer_id)
+        record = view.record
+        if record is not None and view.record_state in ("dead", "stale"):
+            if view.record_state == "dead":
+                log.warning(
+                    "view of layer %s at %s: daemon is gone; detaching", layer_id, record.path
+                )
+                fuse_mount.detach(record.path)
+            else:
+                log.warning(
+                    "count %d for layer %s is stale (not mounted); reset", record.count, layer_id
+                )
+            with self._counts() as table:
+                now = table.get(layer_id)
+                if now is not None and now.path == record.path:
+                    del table[layer_id]
+            if view.daemon_state == "at-record":
+                self._drop_daemon(layer_id)
+                view.daemon, view.daemon_state = None, "none"
+            view.record, view.record_state = None, "none"
+        if view.daemon is not None and view.daemon_state == "gone":
+            if fuse_mount.probe(view.daemon.path) == "dead":
+                fuse_mount.detach(view.daemon.path)
+            self._drop_daemon(layer_id)
+            view.daemon, view.daemon_state = None, "none"
+        return view
+
+    @staticmethod
+    def _hung(pid: int | None, path: str) -> MountError:
+        who = f"daemon {pid}" if pid is not None else "the daemon"
+        return MountError(
+            f"view at {path}: {who} does not answer (stopped or stuck); "
+            "`layerfs unmount --force` detaches it"
+        )
 
     # ------------------------------------------------------------------ operations
 
@@ -178,26 +288,35 @@ class MountManager:
     ) -> tuple[str, str, int]:
         """Mount (or add a user to) the layer's view. Returns (layer id, path, count)."""
         layer_id = self.resolve(target)
+        private = layer_id in pending.container_layers(self.store.root)
+        wanted = DaemonRecord(layer_id, 0, "", for_container=for_container, allow_other=allow_other)
         with self._layer_lock(layer_id):
-            with self._counts() as table:
-                live = self._repair(table, layer_id)
-                if live is not None:
-                    if mountpoint and os.path.realpath(mountpoint) != os.path.realpath(live.path):
-                        raise MountError(
-                            f'layer "{layer_id}" is already mounted at {live.path}; '
-                            "unmount it before mounting it elsewhere"
-                        )
-                    live.count += 1
-                    return layer_id, live.path, live.count
+            view = self._repair(layer_id)
+            reused = self._reuse(layer_id, view, mountpoint, wanted, private)
+            if reused is not None:
+                return layer_id, reused[0], reused[1]
             chain = self.store.chain(layer_id)
             diff_dirs = [self.store.driver.diff_dir(la.id) for la in chain]
-            path = os.path.abspath(mountpoint or self.store.driver.merged_dir(layer_id))
+            default = (
+                os.path.join(self.views_dir, layer_id)
+                if private
+                else self.store.driver.merged_dir(layer_id)
+            )
+            path = normalize(mountpoint or default)
             self._check_mountpoint(path, diff_dirs)
-            os.makedirs(path, mode=0o700, exist_ok=True)
+            self._make_dir(path, created_parents=mountpoint is None)
+            if path.startswith(self.store.driver.home + os.sep):
+                self._private_home()
             os.makedirs(self.logs_dir, mode=0o700, exist_ok=True)
-            self._drop_daemon(layer_id)
+            wanted.path, wanted.go_visible = path, not private
             with self._counts() as table:
-                table[layer_id] = MountRecord(layer_id, path, 1)
+                # under layers.lock: a delete either finished (dirs gone) or must now see
+                # this pending record (the layer lock is held) and refuse
+                if not all(os.path.isdir(d) for d in diff_dirs):
+                    raise LayerUnknownError(layer_id, "deleted while being mounted")
+                self._save_daemon(wanted)  # pid 0 until the daemon is ready
+                if not private:
+                    table[layer_id] = MountRecord(layer_id, path, 1)
             try:
                 pid = fuse_mount.spawn_daemon(
                     diff_dirs,
@@ -211,12 +330,114 @@ class MountManager:
                 )
             except BaseException:
                 with self._counts() as table:
-                    table.pop(layer_id, None)
+                    if not private:
+                        table.pop(layer_id, None)
+                    self._drop_daemon(layer_id)
                 raise
-            self._save_daemon(layer_id, pid, path)
+            wanted.pid = pid
+            self._save_daemon(wanted)
             return layer_id, path, 1
 
+    def _reuse(
+        self,
+        layer_id: str,
+        view: _View,
+        mountpoint: str | None,
+        wanted: DaemonRecord,
+        private: bool,
+    ) -> tuple[str, int] | None:
+        """Add a user to a live view that matches the request; None if a new one is needed.
+        Raises when a live view differs from the request. Caller holds the layer lock."""
+        daemon, record = view.daemon, view.record
+
+        def same_place(path: str) -> None:
+            if mountpoint and normalize(mountpoint) != normalize(path):
+                raise MountError(
+                    f'layer "{layer_id}" is already mounted at {path}; '
+                    "unmount it before mounting it elsewhere"
+                )
+
+        def same_options(live: DaemonRecord) -> None:
+            if (live.for_container, live.allow_other) != (
+                wanted.for_container,
+                wanted.allow_other,
+            ):
+                raise MountError(
+                    f'layer "{layer_id}" is already mounted at {live.path} with '
+                    f"{live.options()}; unmount it first or ask for the same options"
+                )
+
+        if daemon is not None and view.daemon_state == "hung":
+            raise self._hung(daemon.pid, daemon.path)
+        if record is not None and view.record_state == "hung":
+            raise self._hung(self._daemon_pid(layer_id, record.path), record.path)
+        live = daemon if view.daemon_state in ("live", "at-record") else None
+        if live is not None and not live.go_visible:  # our private view
+            same_place(live.path)
+            same_options(live)
+            live.count += 1
+            self._save_daemon(live)
+            return live.path, live.count
+        if private:
+            return None  # a recorded view (Go's writable mount) is never handed out here
+        if record is not None:
+            same_place(record.path)
+            if live is not None and view.daemon_state == "at-record":
+                same_options(live)
+            # else Go's kernel overlay: it keeps set-id bits and devices and lets anyone in
+            with self._counts() as table:
+                now = table.get(layer_id)
+                if now is None or now.path != record.path:
+                    raise MountError(
+                        f'layer "{layer_id}" was unmounted by another process meanwhile; try again'
+                    )
+                now.count += 1
+                return now.path, now.count
+        if live is not None:
+            # our view whose record the Go tool dropped (untracked): record it again
+            same_place(live.path)
+            same_options(live)
+            with self._counts() as table:
+                table[layer_id] = MountRecord(layer_id, live.path, 1)
+            return live.path, 1
+        return None
+
+    def _make_dir(self, path: str, *, created_parents: bool) -> None:
+        parent = os.path.dirname(path)
+        if not created_parents and not os.path.isdir(parent):
+            raise InvalidArgumentError(
+                f"mount point {path}: its parent directory {parent} does not exist"
+            )
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise MountError(f"cannot create mount point {path}: {exc.strerror}") from exc
+        if not os.path.isdir(path):
+            raise InvalidArgumentError(f"mount point {path} is not a directory")
+
+    def _private_home(self) -> None:
+        """Make ``<root>/overlay`` a private mount of itself before a view appears below it
+        (see :func:`layerfs.fs.mount.make_private_mount`), under Go's graph lock."""
+        home = self.store.driver.home
+        if entry_at(home) is not None:
+            return
+        lock = LockFile(os.path.join(self.store.root, "storage.lock"))
+        with lock.write():
+            below = [e.point for e in entries() if e.point.startswith(home + os.sep)]
+            if below:
+                # a bind now would hide them just as Go's would; leave them visible
+                log.warning(
+                    "%s is not a mount point but %s is mounted below it; not binding it",
+                    home,
+                    below[0],
+                )
+                return
+            if not fuse_mount.make_private_mount(home):
+                log.info("cannot make %s a private mount (not root); skipped", home)
+
     def _check_mountpoint(self, path: str, diff_dirs: list[str]) -> None:
+        if fuse_mount.is_mountpoint(path):  # mountinfo only: never stat a possible mount
+            raise InvalidArgumentError(f"mount point {path} is already a mount point")
         real = os.path.realpath(path)
         for diff in diff_dirs:
             layer_dir = os.path.realpath(os.path.dirname(diff))
@@ -233,65 +454,156 @@ class MountManager:
                 raise InvalidArgumentError(
                     f"mount point {path} would hide layer directory {diff} of its own chain"
                 )
-        if fuse_mount.is_mountpoint(path) or fuse_mount.is_dead_fuse_mount(path):
-            raise InvalidArgumentError(f"mount point {path} is already a mount point")
 
     def unmount(self, target: str, *, force: bool = False) -> tuple[str, int]:
         """Drop one user of the view (all with ``force``); unmount at zero.
 
         Returns (layer id, remaining count). Unmounting a layer that is not mounted succeeds
-        with count 0, as containers-storage does.
+        with count 0, as containers-storage does. A path names the view mounted there (one
+        Go recorded, or one of our daemons whose record Go dropped); a layer names our
+        private view first, else the recorded one, else our untracked one. With ``force``
+        a daemon that does not answer is detached and killed.
         """
+        by_path = os.path.isabs(target) or target.startswith(".")
         layer_id = self._resolve_target_or_path(target)
-        with self._layer_lock(layer_id), self._counts() as table:
-            record = self._repair(table, layer_id)
-            if record is None:
-                return layer_id, 0
-            if force:
-                record.count = 1
-            if record.count > 1:
-                record.count -= 1
-                return layer_id, record.count
-            fuse_mount.unmount(record.path, self._daemon_pid(layer_id, record.path))
-            del table[layer_id]
-            self._drop_daemon(layer_id)
-            if record.path == self.store.driver.merged_dir(layer_id):
-                with contextlib.suppress(OSError):
-                    os.rmdir(record.path)  # as the overlay driver's Put does
+        with self._layer_lock(layer_id):
+            view = self._repair(layer_id)
+            daemon, record = view.daemon, view.record
+            want_path = normalize(target) if by_path else None
+            untracked = daemon is not None and view.daemon_state in ("live", "hung")
+            if (
+                untracked
+                and daemon is not None
+                and ((want_path is None and not daemon.go_visible) or want_path == daemon.path)
+            ):
+                return self._unmount_daemon(layer_id, daemon, view.daemon_state, force)
+            if record is not None:
+                return self._unmount_record(layer_id, view, force)
+            if untracked and daemon is not None:
+                return self._unmount_daemon(layer_id, daemon, view.daemon_state, force)
             return layer_id, 0
 
+    def _take_down(self, path: str, pid: int | None, state: str, force: bool) -> None:
+        """Unmount a view at zero users. Caller holds the layer lock and no store lock."""
+        if state == "hung":
+            if not force:
+                raise self._hung(pid, path)
+            ours = pid is not None and pending.is_layerfs_daemon(pid, path)
+            fuse_mount.force_detach(path, pid, is_ours=ours)
+            return
+        if force and pid is not None and state == "live":
+            try:
+                fuse_mount.unmount(path, pid)
+            except MountError:
+                fuse_mount.force_detach(path, pid, is_ours=pending.is_layerfs_daemon(pid, path))
+            return
+        fuse_mount.unmount(path, pid)
+
+    def _unmount_daemon(
+        self, layer_id: str, daemon: DaemonRecord, state: str, force: bool
+    ) -> tuple[str, int]:
+        """Unmount our view that ``mountpoints.json`` does not hold (private or untracked)."""
+        if daemon.go_visible is False and daemon.count > 1 and not force:
+            daemon.count -= 1
+            self._save_daemon(daemon)
+            return layer_id, daemon.count
+        self._take_down(daemon.path, daemon.pid, state, force)
+        self._drop_daemon(layer_id)
+        if normalize(daemon.path) == normalize(os.path.join(self.views_dir, layer_id)):
+            with contextlib.suppress(OSError):
+                os.rmdir(daemon.path)
+        return layer_id, 0
+
+    def _unmount_record(self, layer_id: str, view: _View, force: bool) -> tuple[str, int]:
+        """Drop a user of the view recorded in ``mountpoints.json``."""
+        record = view.record
+        assert record is not None
+        with self._counts() as table:
+            now = table.get(layer_id)
+            if now is None or now.path != record.path:
+                return layer_id, 0  # unmounted by another process meanwhile
+            if not force and now.count > 1:
+                now.count -= 1
+                return layer_id, now.count
+        pid = self._daemon_pid(layer_id, record.path)
+        self._take_down(record.path, pid, view.record_state, force)
+        with self._counts() as table:
+            now = table.get(layer_id)
+            if now is not None and now.path == record.path:
+                del table[layer_id]
+        if view.daemon_state == "at-record":
+            self._drop_daemon(layer_id)
+        if record.path == self.store.driver.merged_dir(layer_id):
+            with contextlib.suppress(OSError):
+                os.rmdir(record.path)  # as the overlay driver's Put does
+        return layer_id, 0
+
     def mounted(self, target: str) -> int:
-        """The layer's mount count after repairing dead or stale records."""
+        """The layer's mount count (recorded plus private) after repairing dead or stale
+        records. A view whose daemon does not answer still counts, with a warning."""
         layer_id = self.resolve(target)
-        with self._layer_lock(layer_id), self._counts() as table:
-            record = self._repair(table, layer_id)
-            return record.count if record else 0
+        with self._layer_lock(layer_id):
+            view = self._repair(layer_id)
+        count = view.record.count if view.record is not None else 0
+        daemon = view.daemon
+        if daemon is not None and not daemon.go_visible and view.daemon_state != "gone":
+            count += daemon.count
+        if view.daemon_state == "hung" and daemon is not None:
+            log.warning("%s", self._hung(daemon.pid, daemon.path))
+        elif view.record_state == "hung" and view.record is not None:
+            path = view.record.path
+            log.warning("%s", self._hung(self._daemon_pid(layer_id, path), path))
+        return count
 
     def repair(self, target: str) -> None:
-        """Detach a dead view and drop stale counts of one layer, if it has a record."""
+        """Detach a dead view and drop stale counts of one layer, if it has a record.
+        Never waits: while another layerfs command holds the layer, nothing is done."""
         try:
             layer_id = self.resolve(target)
         except LayerUnknownError:
             return
-        if layer_id not in self.store.mount_table.snapshot():
+        if layer_id not in self.store.mount_table.snapshot() and not os.path.exists(
+            pending.daemon_file(self.store.runroot, layer_id)
+        ):
             return
-        with self._layer_lock(layer_id), self._counts() as table:
-            self._repair(table, layer_id)
+        os.makedirs(self.locks_dir, mode=0o700, exist_ok=True)
+        lock = FileLock(pending.layer_lock_path(self.store.runroot, layer_id), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return  # a mount or unmount is under way: the store's pending rule decides
+        try:
+            self._repair(layer_id)
+        finally:
+            lock.release()
 
     def ps(self) -> list[MountInfo]:
-        """Every recorded view, after repairing dead and stale ones."""
-        live: list[MountRecord] = []
-        for layer_id in list(self.store.mount_table.snapshot()):
-            with self._layer_lock(layer_id), self._counts() as table:
-                record = self._repair(table, layer_id)
-                if record is not None:
-                    live.append(MountRecord(record.id, record.path, record.count))
+        """Every view (recorded, private, or ours whose record Go dropped), after repairing
+        dead and stale ones. A daemon that does not answer is listed as ``hung``."""
+        ids = list(self.store.mount_table.snapshot())
+        ids += [d.layer_id for d in pending.daemon_records(self.store.runroot)]
         out = []
-        for record in live:  # outside the locks: a store read may need the write lock
+        for layer_id in dict.fromkeys(ids):
+            with self._layer_lock(layer_id):
+                view = self._repair(layer_id)
             try:
-                names = tuple(self.store.get(record.id).names)
+                names = tuple(self.store.get(layer_id).names)
             except LayerUnknownError:
                 names = ()
-            pid = self._daemon_pid(record.id, record.path)
-            out.append(MountInfo(record.id, names, record.path, record.count, pid, "live"))
+            record, daemon = view.record, view.daemon
+            if record is not None:
+                pid = self._daemon_pid(layer_id, record.path)
+                state = "hung" if view.record_state == "hung" else "live"
+                out.append(MountInfo(layer_id, names, record.path, record.count, pid, state))
+            if daemon is not None and view.daemon_state in ("live", "hung"):
+                if daemon.go_visible:
+                    state = "hung" if view.daemon_state == "hung" else "untracked"
+                    count = 0
+                else:
+                    state = "hung" if view.daemon_state == "hung" else "private"
+                    count = daemon.count
+                out.append(MountInfo(layer_id, names, daemon.path, count, daemon.pid, state))
+        for info in out:
+            if info.state == "hung":
+                log.warning("%s", self._hung(info.pid, info.path))
         return out

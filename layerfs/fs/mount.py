@@ -12,14 +12,17 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
 import layerfs
 from layerfs.errors import MountError
-from layerfs.mountinfo import is_mountpoint, mounts
+from layerfs.mountinfo import entry_at, is_mountpoint, mounts
+from layerfs.store.pending import pid_alive
 
 __all__ = [
+    "abort_connection",
     "daemon_pid_alive",
     "detach",
     "find_daemon_pid",
@@ -27,12 +30,12 @@ __all__ = [
     "is_dead_fuse_mount",
     "is_mountpoint",
     "mountinfo",
+    "probe",
     "spawn_daemon",
     "unmount",
 ]
 
 MNT_DETACH = 2
-_LOG_TAIL = 2000
 
 
 def _libc() -> ctypes.CDLL:
@@ -44,18 +47,6 @@ def _umount2(path: str, flags: int) -> int:
     if _libc().umount2(os.fsencode(path), flags) == 0:
         return 0
     return ctypes.get_errno()
-
-
-def _log_tail(log_path: str | None) -> str:
-    if not log_path:
-        return ""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - _LOG_TAIL))
-            return f.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 def spawn_daemon(
@@ -74,8 +65,9 @@ def spawn_daemon(
     once the mount is live (the daemon has answered a stat of the mountpoint).
 
     The daemon runs in its own session and is re-parented (it forks once), so it outlives the
-    caller. Raises MountError with the daemon's message (and log tail) when it fails or does
-    not get ready within *timeout* seconds; in that case nothing is left mounted or running.
+    caller. Raises MountError with one line when it fails or does not get ready within
+    *timeout* seconds: the daemon's own ERROR line, else a pointer to its log file (never
+    the log's tail, which may hold earlier runs); nothing is then left mounted or running.
     """
     if layer_ids and len(layer_ids) != len(diff_dirs):
         raise MountError(f"{len(layer_ids)} layer ids for {len(diff_dirs)} layers")
@@ -128,17 +120,23 @@ def spawn_daemon(
     if lines and lines[-1] == "READY" and pid is not None:
         return pid
     errs = [ln[6:] for ln in lines if ln.startswith("ERROR ")]
-    msg = errs[-1] if errs else "daemon exited before the mount was ready"
-    if not errs:
+    if errs:
+        msg = _one_line(errs[-1])
+    else:
+        msg = f"the daemon exited before the mount was ready (see {log_path})"
         # timed out or died silently: make sure nothing is left behind
         if pid is not None and daemon_pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            msg = f"daemon not ready after {timeout:g} s"
+            msg = f"the daemon was not ready after {timeout:g} s (see {log_path})"
         if is_mountpoint(mountpoint):
             detach(mountpoint)
-    tail = _log_tail(log_path)
-    raise MountError(f"mounting {mountpoint} failed: {msg}" + (f"\n{tail}" if tail else ""))
+    raise MountError(f"mounting {mountpoint} failed: {msg}")
+
+
+def _one_line(message: str) -> str:
+    """A daemon's message as one line (whitespace runs folded)."""
+    return " ".join(message.split()) or "the daemon gave no reason"
 
 
 def _read_ready(fd: int, timeout: float) -> list[str]:
@@ -165,17 +163,54 @@ mountinfo = mounts  # re-exported: the table reader lives in layerfs.mountinfo
 
 
 def is_dead_fuse_mount(path: str) -> bool:
-    """True if *path* is a FUSE mount whose daemon is gone (ENOTCONN).
+    """True if *path* is a FUSE mount whose daemon is gone (ENOTCONN). Never blocks for
+    longer than :data:`PROBE_TIMEOUT` (see :func:`probe`)."""
+    return probe(path) == "dead"
 
-    Probes with statfs first: the view's attributes are cached by the kernel for a very long
-    time, so a plain stat of a dead mount's root can still succeed; statfs always reaches the
-    daemon."""
-    for probe in (os.statvfs, os.stat):
+
+PROBE_TIMEOUT = 2.0
+
+
+def probe(path: str, timeout: float = PROBE_TIMEOUT) -> str:
+    """Ask the file system mounted at *path* for its statfs, with a deadline.
+
+    Returns ``"live"`` (it answered), ``"dead"`` (ENOTCONN: its daemon is gone) or
+    ``"hung"`` (no answer within *timeout* seconds: a stopped or stuck daemon). statfs,
+    not stat: the view's attributes are cached by the kernel for a very long time, so a
+    plain stat of a dead mount's root can still succeed; statfs always reaches the daemon.
+    The call runs in a daemon thread, so a hung mount cannot hold this process; the thread
+    ends with the request (or with the process). Callers must not hold a store lock.
+    """
+    result: list[str] = []
+
+    def run() -> None:
         try:
-            probe(path)
+            os.statvfs(path)
+            result.append("live")
         except OSError as e:
-            if e.errno == errno.ENOTCONN:
-                return True
+            result.append("dead" if e.errno == errno.ENOTCONN else "live")
+
+    thread = threading.Thread(target=run, name=f"probe {path}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else "hung"
+
+
+def abort_connection(path: str) -> bool:
+    """Abort the FUSE connection of the mount at *path* (``/sys/fs/fuse/connections/<dev>/
+    abort``): every request waiting on its daemon fails at once and the mount is dead.
+    Reads the device from mountinfo, never touches the mount. False if not possible."""
+    entry = entry_at(path)
+    if entry is None or not entry.fstype.startswith("fuse"):
+        return False
+    dev = os.makedev(entry.major, entry.minor)
+    for name in (str(dev), str(entry.minor)):
+        try:
+            with open(f"/sys/fs/fuse/connections/{name}/abort", "w") as f:
+                f.write("1")
+            return True
+        except OSError:
+            continue
     return False
 
 
@@ -219,25 +254,8 @@ def find_daemon_pid(mountpoint: str) -> int | None:
 
 
 def daemon_pid_alive(pid: int) -> bool:
-    """True while any thread of process *pid* is alive (not a zombie).
-
-    A killed multi-threaded process shows its leader as a zombie while other threads are
-    still exiting and still hold the FUSE connection open, so the leader alone is not enough.
-    """
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                data = f.read()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        end = data.rindex(b")")
-        if data[end + 2 : end + 3] not in (b"Z", b"X"):
-            return True
-    return False
+    """True while any thread of process *pid* is alive (not a zombie)."""
+    return pid_alive(pid)
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
@@ -261,7 +279,14 @@ def unmount(path: str, pid: int | None, timeout: float = 10.0) -> None:
                 raise MountError(f"unmounting {path} failed: {r.stderr.strip()}")
         elif err == errno.EBUSY:
             raise MountError(f"unmounting {path} failed: mount is busy")
-        elif err not in (0, errno.EINVAL):
+        elif err == errno.EINVAL:
+            # listed in mountinfo but not a mount point through its path: another mount
+            # over a parent directory hides it; it is still there and still served
+            raise MountError(
+                f"unmounting {path} failed: the view is hidden by another mount over a "
+                "parent directory and cannot be reached through its path"
+            )
+        elif err != 0:
             raise MountError(f"unmounting {path} failed: {os.strerror(err)}")
     if pid is None:
         return
@@ -271,3 +296,52 @@ def unmount(path: str, pid: int | None, timeout: float = 10.0) -> None:
         os.kill(pid, signal.SIGTERM)
     if not _wait_gone(pid, 2.0):
         raise MountError(f"daemon {pid} for {path} did not exit after unmount")
+
+
+MS_BIND = 4096
+MS_PRIVATE = 1 << 18
+
+
+def _mount2(source: str | None, target: str, flags: int) -> int:
+    """mount(2) without a file-system type or data; returns 0 or the errno."""
+    src = os.fsencode(source) if source is not None else None
+    if _libc().mount(src, os.fsencode(target), None, ctypes.c_ulong(flags), None) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+def make_private_mount(path: str) -> bool:
+    """Make *path* a mount point of its own with private propagation, as the Go overlay
+    driver does with its home on its first command (containers/storage ``MakePrivate``):
+    bind-mount it onto itself unless mountinfo already lists it as a mount point, then set
+    MS_PRIVATE. Done before the first view under *path*, so that Go later finds it done and
+    does not bind over (and hide) a live view. False if not permitted (not root).
+
+    Caller holds the graph root's ``storage.lock``, which Go holds while it does the same.
+    """
+    if not is_mountpoint(path):
+        err = _mount2(path, path, MS_BIND)
+        if err in (errno.EPERM, errno.EACCES):
+            return False
+        if err:
+            raise MountError(f"cannot bind-mount {path} onto itself: {os.strerror(err)}")
+    err = _mount2(None, path, MS_PRIVATE)
+    if err in (errno.EPERM, errno.EACCES):
+        return False
+    if err:
+        raise MountError(f"cannot make {path} a private mount: {os.strerror(err)}")
+    return True
+
+
+def force_detach(path: str, pid: int | None, *, is_ours: bool) -> None:
+    """Take a view down whatever its daemon does: abort the FUSE connection (requests
+    waiting on a stopped daemon fail at once), detach the mount, SIGKILL the daemon *pid*
+    if *is_ours* (the caller checked it is the layerfs daemon of *path*) and wait for it."""
+    abort_connection(path)
+    detach(path)
+    if pid is None or not is_ours:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if not _wait_gone(pid, 10.0):
+        raise MountError(f"daemon {pid} for {path} did not exit after SIGKILL")

@@ -58,7 +58,7 @@ from layerfs.errors import (
     StoreReentryError,
 )
 from layerfs.mountinfo import fs_type_of, is_mountpoint
-from layerfs.store import bigdata
+from layerfs.store import bigdata, pending
 from layerfs.store.jsonfile import (
     SpaceReserve,
     StoreWriteError,
@@ -676,22 +676,44 @@ class Store:
         return record.count if record else 0
 
     def _refuse_if_mounted(self, layer: Layer) -> None:
-        """Raise when the layer's view is live. Caller holds ``layers.lock``.
+        """Raise when the layer has a view, live or being started. Caller holds ``layers.lock``.
 
-        A count whose path is no longer a mount point (a reboot or a manual umount) is
-        stale; it is dropped rather than trusted. A mount whose daemon died is still a
-        mount (``layerfs mounted`` or ``unmount`` repairs it).
+        The rule for counts (:mod:`layerfs.store.pending`): a ``mountpoints.json`` count
+        whose path is a mount point is live (a mount whose daemon died is still a mount:
+        ``layerfs mounted`` or ``unmount`` repairs it); one whose path is not mounted is
+        *pending* while a layerfs ``mount`` holds the layer's lock, and refused like a live
+        one; otherwise it is stale and dropped. A layerfs view that Go cannot see (private,
+        or its record dropped by the Go tool) is found through its daemon record. Reads the
+        mount table only: never probes a mount, so a hung daemon cannot block this.
         """
+        runroot = self.files.runroot
         with self.mount_table.update() as table:
             record = table.get(layer.id)
-            if record is None or record.count <= 0:
-                return
-            if record.path and is_mountpoint(record.path):
-                raise LayerMountedError(
-                    f'layer "{layer.id}" is mounted at {record.path} '
-                    f"(count {record.count}); unmount it first"
-                )
-            del table[layer.id]
+            if record is not None and record.count > 0:
+                if record.path and is_mountpoint(record.path):
+                    raise LayerMountedError(
+                        f'layer "{layer.id}" is mounted at {record.path} '
+                        f"(count {record.count}); unmount it first"
+                    )
+                if pending.layer_busy(runroot, layer.id):
+                    raise LayerMountedError(
+                        f'layer "{layer.id}" is being mounted at {record.path} by another '
+                        "layerfs command; unmount it first"
+                    )
+                del table[layer.id]
+        daemon = pending.read_daemon(runroot, layer.id)
+        if daemon is None:
+            return
+        if daemon.pid and pending.pid_alive(daemon.pid) and is_mountpoint(daemon.path):
+            raise LayerMountedError(
+                f'layer "{layer.id}" has a layerfs view at {daemon.path} '
+                f"(daemon {daemon.pid}); unmount it first"
+            )
+        if pending.layer_busy(runroot, layer.id):
+            raise LayerMountedError(
+                f'layer "{layer.id}" is being mounted at {daemon.path} by another '
+                "layerfs command; unmount it first"
+            )
 
     # ----------------------------------------------------------------- delete, wipe, gc
 

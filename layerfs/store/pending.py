@@ -1,0 +1,219 @@
+"""What layerfs knows about its own views, beside Go's ``mountpoints.json``.
+
+Files under ``<runroot>/layerfs/`` (layerfs only; the Go tool never reads them):
+
+- ``locks/<id>.lock`` — the per-layer ``flock`` lock every layerfs mount command of the
+  layer holds from before it writes its record until the daemon is ready (or the start was
+  undone). Never taken while a store lock (``layers.lock``/``mountpoints.lock``) is held;
+  code under a store lock may only *test* it (:func:`layer_busy`, non-blocking).
+- ``daemons/<id>.json`` — one record per daemon layerfs started: pid, mount point, the
+  mount options it was started with, and whether the view is recorded in
+  ``mountpoints.json`` (``go_visible``) or private to layerfs (its count is then kept here).
+
+The pending rule (one rule, honoured by ``Store._refuse_if_mounted`` and the mount
+manager): a ``mountpoints.json`` record with a count whose path is not (yet) a mount point
+is **pending** while ``locks/<id>.lock`` is held by someone — a layerfs ``mount`` is
+starting that view — and **stale** otherwise (a reboot, a manual umount, a killed mount
+command): a pending record is honoured like a live mount, a stale one is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from layerfs.store.jsonfile import atomic_write
+
+STATE_DIR = "layerfs"
+
+
+def state_dir(runroot: str) -> str:
+    """``<runroot>/layerfs``."""
+    return os.path.join(runroot, STATE_DIR)
+
+
+def layer_lock_path(runroot: str, layer_id: str) -> str:
+    """``<runroot>/layerfs/locks/<id>.lock``."""
+    return os.path.join(state_dir(runroot), "locks", f"{layer_id}.lock")
+
+
+def daemon_file(runroot: str, layer_id: str) -> str:
+    """``<runroot>/layerfs/daemons/<id>.json``."""
+    return os.path.join(state_dir(runroot), "daemons", f"{layer_id}.json")
+
+
+def layer_busy(runroot: str, layer_id: str) -> bool:
+    """True while another open file holds the layer's layerfs lock (a mount is starting).
+
+    Never blocks. Safe under a store lock (the per-layer lock is outermost, so waiting for
+    it here could deadlock; testing it cannot).
+    """
+    try:
+        fd = os.open(layer_lock_path(runroot, layer_id), os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, PermissionError):
+        return False  # no layerfs command of ours can hold a lock we cannot open
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        raise
+    finally:
+        os.close(fd)  # closing drops a lock we may have taken
+    return False
+
+
+@dataclass
+class DaemonRecord:
+    """A daemon layerfs started for one layer's view.
+
+    ``go_visible``: the view's count is in ``mountpoints.json`` (Go shares it); otherwise
+    the view is private to layerfs and ``count`` here is its count.
+    """
+
+    layer_id: str
+    pid: int
+    path: str
+    for_container: bool = False
+    allow_other: bool = False
+    go_visible: bool = True
+    count: int = 1
+    started: float = field(default_factory=time.time)
+
+    def options(self) -> str:
+        """The live options as a person reads them."""
+        opts = ["suid,dev (for a container)" if self.for_container else "nosuid,nodev"]
+        if self.allow_other:
+            opts.append("allow_other")
+        return ", ".join(opts)
+
+
+def read_daemon(runroot: str, layer_id: str) -> DaemonRecord | None:
+    """The daemon record of a layer, or None (missing or unreadable)."""
+    try:
+        with open(daemon_file(runroot, layer_id), "rb") as f:
+            raw = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("pid"), int):
+        return None
+    path = raw.get("path")
+    if not isinstance(path, str):
+        return None
+    count = raw.get("count", 1)
+    return DaemonRecord(
+        layer_id,
+        raw["pid"],
+        path,
+        for_container=bool(raw.get("for_container", False)),
+        allow_other=bool(raw.get("allow_other", False)),
+        go_visible=bool(raw.get("go_visible", True)),
+        count=count if isinstance(count, int) and count > 0 else 1,
+        started=float(raw.get("started", 0) or 0),
+    )
+
+
+def write_daemon(runroot: str, record: DaemonRecord) -> None:
+    """Save a daemon record. Caller holds the layer's layerfs lock."""
+    path = daemon_file(runroot, record.layer_id)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    data = {
+        "pid": record.pid,
+        "path": record.path,
+        "for_container": record.for_container,
+        "allow_other": record.allow_other,
+        "go_visible": record.go_visible,
+        "count": record.count,
+        "started": record.started,
+    }
+    atomic_write(path, json.dumps(data).encode(), durable=False)
+
+
+def drop_daemon(runroot: str, layer_id: str) -> None:
+    """Remove a daemon record. Caller holds the layer's layerfs lock."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(daemon_file(runroot, layer_id))
+
+
+def daemon_records(runroot: str) -> list[DaemonRecord]:
+    """Every daemon record under the run root."""
+    try:
+        names = sorted(os.listdir(os.path.join(state_dir(runroot), "daemons")))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        if name.endswith(".json"):
+            record = read_daemon(runroot, name[: -len(".json")])
+            if record is not None:
+                out.append(record)
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    """True while any thread of process *pid* is alive (not a zombie).
+
+    A killed multi-threaded process shows its leader as a zombie while other threads are
+    still exiting and still hold the FUSE connection open, so the leader alone is not enough.
+    """
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                data = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        end = data.rindex(b")")
+        if data[end + 2 : end + 3] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def pid_stopped(pid: int) -> bool:
+    """True if the process is stopped (SIGSTOP, ``State: T``) or traced (``t``)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    end = data.rindex(b")")
+    return data[end + 2 : end + 3] in (b"T", b"t")
+
+
+def is_layerfs_daemon(pid: int, mountpoint: str) -> bool:
+    """True if *pid* is a layerfs daemon serving *mountpoint* (guards against pid reuse)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return os.fsencode(os.path.abspath(mountpoint)) in argv and any(
+        arg.endswith(b"layerfs.fs.daemon") for arg in argv
+    )
+
+
+def container_layers(root: str) -> set[str]:
+    """Ids of the layers that Go's container records (``<root>/overlay-containers/
+    containers.json``) name as a container's writable layer: Go's ``mount`` of such a layer
+    hands the result to the container as its root file system.
+
+    Read without ``containers.lock``: Go replaces the file atomically (rename), so a read
+    sees one whole version; an unreadable file counts as no containers.
+    """
+    path = os.path.join(root, "overlay-containers", "containers.json")
+    try:
+        with open(path, "rb") as f:
+            records = json.loads(f.read() or b"[]")
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(records, list):
+        return set()
+    return {r["layer"] for r in records if isinstance(r, dict) and isinstance(r.get("layer"), str)}
