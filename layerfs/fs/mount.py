@@ -14,10 +14,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import layerfs
 from layerfs.errors import MountError
 from layerfs.mountinfo import is_mountpoint, mounts
+
+if TYPE_CHECKING:
+    from layerfs.fs.index import LayerPin
 
 __all__ = [
     "daemon_pid_alive",
@@ -63,7 +67,9 @@ def spawn_daemon(
     layer_ids: Sequence[str],
     mountpoint: str,
     *,
-    index_path: str | None,
+    index_path: str | None = None,
+    pins: Sequence[LayerPin | None] | None = None,
+    whiteout_format: str = "kernel",
     log_path: str,
     allow_other: bool = False,
     for_container: bool = False,
@@ -76,6 +82,9 @@ def spawn_daemon(
     The daemon runs in its own session and is re-parented (it forks once), so it outlives the
     caller. Raises MountError with the daemon's message (and log tail) when it fails or does
     not get ready within *timeout* seconds; in that case nothing is left mounted or running.
+    *pins* (one per diff dir, see :class:`~layerfs.fs.index.LayerPin`) let pinned layers use
+    their persisted index; *whiteout_format* is the store's. *index_path* is obsolete and
+    ignored.
     """
     if layer_ids and len(layer_ids) != len(diff_dirs):
         raise MountError(f"{len(layer_ids)} layer ids for {len(diff_dirs)} layers")
@@ -84,8 +93,14 @@ def spawn_daemon(
     cmd += [os.path.abspath(d) for d in diff_dirs]
     for lid in layer_ids:
         cmd += ["--layer-id", lid]
-    if index_path:
-        cmd += ["--index", os.path.abspath(index_path)]
+    if pins is not None:
+        if len(pins) != len(diff_dirs) or len(layer_ids) != len(diff_dirs):
+            raise MountError(f"{len(pins)} layer pins for {len(diff_dirs)} layers")
+        for pin in pins:
+            cmd += ["--digest", pin.digest if pin else ""]
+            cmd += ["--tar-split", (pin.tar_split or "") if pin else ""]
+            cmd += ["--index-file", (pin.index_path or "") if pin else ""]
+    cmd += ["--whiteout-format", whiteout_format]
     cmd += ["--log", os.path.abspath(log_path)]
     if allow_other:
         cmd.append("--allow-other")
