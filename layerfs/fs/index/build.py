@@ -7,7 +7,7 @@ a table of contents (zstd:chunked, eStargz) instead and feed the same :func:`enc
 **What a persisted index trusts** (:func:`layer_index`): an index file beside a layer
 (``overlay/<id>/layerfs.index``) is used only for a layer whose content is pinned by a recorded
 uncompressed diff digest, and only when its key matches exactly: format version, layer id,
-that digest, the ``diff/`` directory's device and inode, the identity (device, inode, size,
+that digest, the ``diff/`` directory's device, inode, mtime and ctime, the identity (device, inode, size,
 mtime, ctime) of the layer's tar-split file, and the identity of its ``work/`` directory (a
 read-write kernel mount of the layer recreates ``work/work``, changing it). Every applydiff
 writes a new digest and a new tar-split file, and layerfs's own applydiff deletes the index.
@@ -178,7 +178,7 @@ def layer_key(diff_dir: str | bytes, pin: LayerPin | None) -> bytes:
     st = os.lstat(d)
     parts: dict[str, object] = {
         "v": KEY_VERSION,
-        "diff": [st.st_dev, st.st_ino],
+        "diff": [st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns],
         "work": _ident(os.path.join(os.path.dirname(d), b"work")),
     }
     if pin is not None:
@@ -239,7 +239,10 @@ def layer_index(diff_dir: str | bytes, pin: LayerPin | None) -> tuple[LayerIndex
         with contextlib.suppress(OSError):
             os.unlink(path)
         return scan_layer(d), False
-    key = layer_key(d, pin)
+    try:
+        key = layer_key(d, pin)
+    except OSError as e:
+        raise LayerReadError(f"cannot read layer {os.fsdecode(d)}: {e.strerror}") from None
     try:
         return read_file(path, key), True
     except FileNotFoundError:
@@ -247,6 +250,8 @@ def layer_index(diff_dir: str | bytes, pin: LayerPin | None) -> tuple[LayerIndex
     except (OSError, IndexFormatError) as e:
         log.warning("ignoring index %s (%s); rebuilding", os.fsdecode(path), e)
     data = encode(walk_diff(d), key)
+    with contextlib.suppress(OSError):
+        os.unlink(path)  # whatever it was (a symlink, a damaged file): not ours to keep
     if layer_key(d, pin) == key:  # unchanged while we walked: safe to keep
         try:
             write_file(path, data)
