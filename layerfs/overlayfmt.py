@@ -100,14 +100,14 @@ def whiteout_target(
     fmt: WhiteoutFormat, name: bytes, mode: int, rdev: int, size: int, flags: int
 ) -> bytes | None:
     """The name this entry whites out in its directory, or None if it is no whiteout."""
+    if fmt == "aufs" and name.startswith(WH_PREFIX):  # by name, whatever the file type
+        if name != OPAQUE_MARKER and len(name) > len(WH_PREFIX):
+            return name[len(WH_PREFIX) :]
+        return None
     if stat.S_ISCHR(mode) and rdev == 0:
         return name
-    if fmt == "kernel":
-        if stat.S_ISREG(mode) and size == 0 and flags & F_TRUSTED_WHITEOUT:
-            return name
-        return None
-    if name.startswith(WH_PREFIX) and name != OPAQUE_MARKER and len(name) > len(WH_PREFIX):
-        return name[len(WH_PREFIX) :]
+    if fmt == "kernel" and stat.S_ISREG(mode) and size == 0 and flags & F_TRUSTED_WHITEOUT:
+        return name
     return None
 
 

@@ -142,8 +142,8 @@ class _Rules:
 
     def resolve_abs(self, layer: int, comps: Sequence[bytes]) -> tuple[str, int]:
         """Look up an absolute redirect path in one layer from its root: ('none', -1) when
-        absent there, ('stop', -1) when a whiteout, non-directory or opaque directory on the
-        way ends the search, ('entry', row) for the final component."""
+        absent there, ('stop', -1) when a whiteout or non-directory on the way ends the
+        search, ('entry', row) for the final component."""
         li = self.layers[layer]
         row = 0
         for i, comp in enumerate(comps):
@@ -154,7 +154,7 @@ class _Rules:
                 return "stop", -1
             if i == len(comps) - 1:
                 return "entry", r
-            if not stat.S_ISDIR(li.mode[r]) or self.opaque(li, r):
+            if not stat.S_ISDIR(li.mode[r]):  # an opaque directory on the way is passed
                 return "stop", -1
             row = r
         return "none", -1
@@ -571,17 +571,31 @@ def merge(
                 lo = li.first[drow]
                 here: dict[bytes, tuple[int, int] | None] = {}
                 wh: set[bytes] = set()
+                same: set[bytes] = set()
                 for k in range(lo, lo + li.count[drow]):
                     nm = li.name(k)
                     t = rules.whiteout_of(li, k, nm)
                     if t is not None:
-                        wh.add(t)
+                        # fuse-overlayfs: a name already decided above (``.wh..wh.X`` whites
+                        # out the whiteout ``.wh.X``) is skipped before it is interpreted,
+                        # but ``X`` beside ``.wh.X`` in one layer is a whiteout all the same
+                        if not (aufs and nm in decided):
+                            wh.add(t)
+                        same.add(t)
                         continue
                     if aufs and nm.startswith(WH_PREFIX):
                         continue
                     here[nm] = (layer, k)
                 for nm in wh:
                     here[nm] = None
+                for nm in same:
+                    if nm in here:
+                        here[nm] = None
+                if aufs:  # record whiteouts under their raw names too (see above)
+                    for k in range(lo, lo + li.count[drow]):
+                        nm = li.name(k)
+                        if nm.startswith(WH_PREFIX):
+                            decided.setdefault(nm, None)
                 for nm, v in here.items():
                     if nm not in decided:
                         decided[nm] = v
