@@ -82,7 +82,10 @@ def _random_layer(root: Path, rng: random.Random, n: int, ops: int) -> str:
                     # ".wh..wh.*" names are aufs metadata: applydiff (Go's and ours) never
                     # writes them, and fuse-overlayfs reads them inconsistently
                     continue
-                lay.file(str(Path(rel).parent / (".wh." + Path(rel).name)), b"")
+                wh = str(Path(rel).parent / (".wh." + Path(rel).name))
+                if os.path.lexists(root / wh):
+                    continue
+                lay.file(wh, b"")
             elif kind in ("whiteout-xattr", "xattr-nonempty"):
                 lay.file(rel, b"" if kind == "whiteout-xattr" else b"data")
                 os.setxattr(p, "trusted.overlay.whiteout", b"")

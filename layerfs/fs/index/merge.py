@@ -140,24 +140,36 @@ class _Rules:
             return li.link(row)
         return None
 
-    def resolve_abs(self, layer: int, comps: Sequence[bytes]) -> tuple[str, int]:
-        """Look up an absolute redirect path in one layer from its root: ('none', -1) when
-        absent there, ('stop', -1) when a whiteout or non-directory on the way ends the
-        search, ('entry', row) for the final component."""
+    def resolve_abs(
+        self, layer: int, comps: list[bytes]
+    ) -> tuple[str, int, list[bytes]]:
+        """Look up an absolute redirect path in one layer from its root. Returns (kind, row,
+        path for the lower layers): kind 'none' when absent there, 'stop' when a whiteout or
+        non-directory on the way ends the search, 'entry' for the final component (row).
+        A redirect on a directory on the way rewrites the path the lower layers look up (the
+        kernel's ``ovl_check_redirect``); an opaque directory on the way is passed."""
         li = self.layers[layer]
         row = 0
+        lower = comps
         for i, comp in enumerate(comps):
             kind, r = self.find(li, row, comp)
             if kind == "none":
-                return "none", -1
+                return "none", -1, lower
             if kind == "whiteout":
-                return "stop", -1
+                return "stop", -1, lower
             if i == len(comps) - 1:
-                return "entry", r
-            if not stat.S_ISDIR(li.mode[r]):  # an opaque directory on the way is passed
-                return "stop", -1
+                return "entry", r, lower
+            if not stat.S_ISDIR(li.mode[r]):
+                return "stop", -1, lower
+            red = self.redirect(li, r)
+            if red is not None:
+                post = comps[i + 1 :]
+                if red.startswith(b"/"):
+                    lower = [c for c in red.split(b"/") if c] + post
+                elif b"/" not in red and red not in (b"", b".", b".."):
+                    lower = [*lower[:i], red, *post]
             row = r
-        return "none", -1
+        return "none", -1, lower
 
     def child_stack(
         self, parent: Sequence[tuple[int, int]], top: int, row: int, name: bytes
@@ -184,7 +196,7 @@ class _Rules:
             if absolute is not None:
                 if j >= len(self.layers) or not absolute:
                     break
-                kind, r = self.resolve_abs(j, absolute)
+                kind, r, absolute = self.resolve_abs(j, absolute)
                 layer = j
                 j += 1
                 if kind == "none":
