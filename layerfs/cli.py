@@ -519,14 +519,15 @@ def _ps(store: Store, args: argparse.Namespace) -> int:
 
 
 def _open_view(store: Store, target: str) -> tuple[Any, list[str]]:
-    from layerfs.fs.index import open_index
-    from layerfs.fs.manager import INDEX_FILE, MountManager
+    from layerfs.fs.index import chain_pins, open_index
+    from layerfs.fs.manager import MountManager
 
     layer_id = MountManager(store).resolve(target)
     chain = store.chain(layer_id)
     diff_dirs = [store.driver.diff_dir(la.id) for la in chain]
-    cache = os.path.join(store.driver.layer_dir(layer_id), INDEX_FILE)
-    index, _ = open_index(diff_dirs, cache)
+    index, _ = open_index(
+        diff_dirs, chain_pins(store, chain), whiteout_format=store.driver.whiteout_format()
+    )
     return index, [la.id for la in chain]
 
 

@@ -256,7 +256,7 @@ def rich_chain_expected_paths() -> set[str]:
 FIELDS = ("type", "mode", "uid", "gid", "size", "mtime", "nlink", "rdev", "data", "link", "xattrs")
 
 
-def _xattrs(path: str) -> dict[bytes, bytes]:
+def _xattrs(path: str, hidden: tuple[bytes, ...] = HIDDEN_XATTR_PREFIXES) -> dict[bytes, bytes]:
     out = {}
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -266,7 +266,7 @@ def _xattrs(path: str) -> dict[bytes, bytes]:
         raise
     for n in names:
         nb = os.fsencode(n)
-        if nb.startswith(HIDDEN_XATTR_PREFIXES):
+        if nb.startswith(hidden):
             continue
         out[nb] = os.getxattr(path, n, follow_symlinks=False)
     return out
@@ -291,8 +291,10 @@ def _record(mode: int, ino: int, nlink: int, uid: int, gid: int, size: int, mtim
     }
 
 
-def snapshot(root: str) -> dict[str, dict[str, Any]]:
-    """Every entry under *root* (root itself as ''), read through the filesystem."""
+def snapshot(root: str, hidden: tuple[bytes, ...] = HIDDEN_XATTR_PREFIXES
+             ) -> dict[str, dict[str, Any]]:
+    """Every entry under *root* (root itself as ''), read through the filesystem; xattrs
+    starting with one of *hidden* are left out."""
     out: dict[str, dict[str, Any]] = {}
 
     def visit(rel: str) -> None:
@@ -310,7 +312,7 @@ def snapshot(root: str) -> dict[str, dict[str, Any]]:
         elif stat.S_ISLNK(st.st_mode):
             link = os.fsencode(os.readlink(path))
         out[rel] = _record(st.st_mode, st.st_ino, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
-                           st.st_mtime_ns, st.st_rdev, data, link, _xattrs(path))
+                           st.st_mtime_ns, st.st_rdev, data, link, _xattrs(path, hidden))
         if stat.S_ISDIR(st.st_mode):
             for name in sorted(os.listdir(path)):
                 visit(f"{rel}/{name}" if rel else name)
@@ -319,7 +321,8 @@ def snapshot(root: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def snapshot_index(idx: UnionIndex) -> dict[str, dict[str, Any]]:
+def snapshot_index(idx: UnionIndex, hidden: tuple[bytes, ...] = HIDDEN_XATTR_PREFIXES
+                   ) -> dict[str, dict[str, Any]]:
     """The same records computed from an index and its backing files (no mount)."""
     out: dict[str, dict[str, Any]] = {}
     entries = [(b"", 1), *idx.walk()]
@@ -332,7 +335,9 @@ def snapshot_index(idx: UnionIndex) -> dict[str, dict[str, Any]]:
         elif stat.S_ISLNK(a.mode):
             link = idx.readlink(ino)
         out[os.fsdecode(rel)] = _record(a.mode, a.ino, a.nlink, a.uid, a.gid, a.size, a.mtime_ns,
-                                        a.rdev, data, link, dict(idx.xattrs(ino)))
+                                        a.rdev, data, link,
+                                        {k: v for k, v in idx.xattrs(ino)
+                                         if not k.startswith(hidden)})
     return out
 
 

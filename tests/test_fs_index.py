@@ -1,5 +1,5 @@
-"""The merged index of a layer chain: semantics (kernel overlayfs as oracle), inode numbers,
-persistence, provenance."""
+"""The merged index of a layer chain: semantics (kernel overlayfs as oracle for the kernel
+format, fuse-overlayfs for the aufs format), inode numbers, persistence, provenance."""
 
 from __future__ import annotations
 
@@ -27,17 +27,23 @@ from fs_helpers import (
 )
 from layerfs.fs.index import (
     ROOT_INO,
+    LayerPin,
     UnionIndex,
     build_index,
-    chain_key,
-    load_index,
     open_index,
     which,
 )
 
 pytestmark = pytest.mark.root
 
-FORMS = [("char", "trusted"), ("char", "user"), ("file", "file"), ("file", "user")]
+# (whiteout form, opaque form, store format reading them)
+FORMS = [
+    ("char", "trusted", "kernel"),
+    ("char", "user", "aufs"),
+    ("file", "file", "aufs"),
+    ("file", "user", "aufs"),
+    ("char", "trusted", "aufs"),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -49,10 +55,26 @@ def paths(idx: UnionIndex) -> set[str]:
     return {os.fsdecode(p) for p, _ in idx.walk()}
 
 
-@pytest.mark.parametrize(("wh", "opq"), FORMS)
-def test_rich_chain_paths(tmp_path: Path, wh: str, opq: str) -> None:
-    idx = build_index(make_rich_chain(tmp_path, wh, opq))
+@pytest.mark.parametrize(("wh", "opq", "fmt"), FORMS)
+def test_rich_chain_paths(tmp_path: Path, wh: str, opq: str, fmt: str) -> None:
+    idx = build_index(make_rich_chain(tmp_path, wh, opq), fmt)
     assert paths(idx) == rich_chain_expected_paths()
+
+
+def test_aufs_markers_are_ordinary_in_kernel_format(tmp_path: Path) -> None:
+    """A kernel-format store shows ``.wh.`` files, ``.wh..wh..opq`` and user.overlay.opaque as
+    what they are (the kernel does), so they cannot hide anything from an inspection."""
+    low = Layer(tmp_path / "low").file("evil", b"e").file("etc/hosts", b"h")
+    low.file("opq/lower", b"l").finish()
+    top = Layer(tmp_path / "top").file(".wh.evil").file(".wh.etc").file("opq/.wh..wh..opq")
+    top.dir("uo").finish()
+    os.setxattr(top.root / "uo", "user.overlay.opaque", b"y")
+    Layer(tmp_path / "low").file("uo/x", b"x").finish()
+    dirs = [str(top.root), str(low.root)]
+    kernel = paths(build_index(dirs, "kernel"))
+    assert {"evil", "etc/hosts", ".wh.evil", ".wh.etc", "opq/lower", "uo/x"} <= kernel
+    aufs = paths(build_index(dirs, "aufs"))
+    assert not {"evil", "etc", ".wh.evil", "opq/lower", "uo/x"} & aufs
 
 
 def test_rich_chain_attributes(tmp_path: Path) -> None:
@@ -72,7 +94,17 @@ def test_rich_chain_attributes(tmp_path: Path) -> None:
     assert idx.backing_path(hosts) == os.fsencode(dirs[1]) + b"/etc/hosts"
     xa = idx.resolve("xa")
     assert xa is not None
-    assert dict(idx.xattrs(xa)) == {b"user.foo": b"bar", b"trusted.t": b"\x00\x01"}
+    # the kernel lists user.overlay.* (no userxattr) and hides trusted.overlay.*;
+    # fuse-overlayfs hides both
+    assert dict(idx.xattrs(xa)) == {
+        b"user.foo": b"bar",
+        b"trusted.t": b"\x00\x01",
+        b"user.overlay.junk": b"j",
+    }
+    aufs = build_index(dirs, "aufs")
+    xa = aufs.resolve("xa")
+    assert xa is not None
+    assert dict(aufs.xattrs(xa)) == {b"user.foo": b"bar", b"trusted.t": b"\x00\x01"}
     cap = idx.resolve("bin/cap")
     assert cap is not None and dict(idx.xattrs(cap)) == {b"security.capability": CAP_NET_BIND}
     lnk = idx.resolve("lnk")
@@ -125,44 +157,51 @@ def test_inode_numbers(tmp_path: Path) -> None:
 
 def _same(a: UnionIndex, b: UnionIndex) -> None:
     assert list(a.walk()) == list(b.walk())
-    for _, ino in a.walk():
-        assert a.attr(ino) == b.attr(ino)
+    for _, ino in a.walk():  # atime: reading a directory (the walk) updates it
+        assert a.attr(ino)._replace(atime_ns=0) == b.attr(ino)._replace(atime_ns=0)
         assert a.xattrs(ino) == b.xattrs(ino)
         assert a.backing_path(ino) == b.backing_path(ino)
     assert a.links == b.links
 
 
+def _pins(dirs: list[str], digest: str = "sha256:" + "ab" * 32) -> list[LayerPin | None]:
+    return [
+        LayerPin(f"id{i}", digest, None, str(Path(d).parent / f"{Path(d).name}.index"))
+        for i, d in enumerate(dirs)
+    ]
+
+
 def test_save_load(tmp_path: Path) -> None:
+    """Pinned layers get an index file each; a second open loads all of them; an unpinned
+    layer (no digest) is scanned live and its file removed, never read."""
     dirs = make_rich_chain(tmp_path)
-    idx = build_index(dirs)
-    cache = tmp_path / "index"
-    idx.save(cache)
-    loaded = load_index(cache, dirs)
-    assert loaded is not None
-    _same(idx, loaded)
-    assert load_index(cache, dirs[1:]) is None  # other chain
-    assert load_index(tmp_path / "missing", dirs) is None
-    (tmp_path / "junk").write_bytes(b"not an index")
-    assert load_index(tmp_path / "junk", dirs) is None
-    # truncated file
-    (tmp_path / "trunc").write_bytes(cache.read_bytes()[:100])
-    assert load_index(tmp_path / "trunc", dirs) is None
-    # a changed layer dir (mtime) makes the cache stale
-    os.utime(dirs[1], ns=(1, 1))
-    assert load_index(cache, dirs) is None
-    idx2, cached = open_index(dirs, cache)
+    pins = _pins(dirs)
+    idx, cached = open_index(dirs, pins)
     assert not cached
-    idx3, cached = open_index(dirs, cache)
+    files = [Path(p.index_path) for p in pins if p and p.index_path]
+    assert all(f.exists() for f in files)
+    idx2, cached = open_index(dirs, pins)
     assert cached
-    _same(idx2, idx3)
+    _same(idx, idx2)
+    _same(idx, build_index(dirs))
+    # another digest (an applydiff): rebuilt
+    _, cached = open_index(dirs, _pins(dirs, "sha256:" + "cd" * 32))
+    assert not cached
+    # no digest: live, and the stale file goes away
+    unpinned = [LayerPin(f"id{i}", "", None, str(f)) for i, f in enumerate(files)]
+    _, cached = open_index(dirs, unpinned)
+    assert not cached and not any(f.exists() for f in files)
 
 
-def test_chain_key_identity(tmp_path: Path) -> None:
-    a = Layer(tmp_path / "a").file("f").finish()
-    key = chain_key([str(a)])
+def test_index_key_identity(tmp_path: Path) -> None:
+    """A re-created diff dir (other inode) is another layer state even with the same digest."""
+    a = Layer(tmp_path / "a").file("f", b"1").finish()
+    pins = _pins([str(a)])
+    open_index([str(a)], pins)
     shutil.rmtree(a)
-    Layer(tmp_path / "a").file("f").finish()
-    assert chain_key([str(a)]) != key  # a re-created dir is a different layer
+    Layer(tmp_path / "a").file("g", b"2").finish()
+    idx, cached = open_index([str(a)], pins)
+    assert not cached and paths(idx) == {"g"}
 
 
 def test_which(tmp_path: Path) -> None:
@@ -204,17 +243,17 @@ def test_single_layer(tmp_path: Path) -> None:
     assert idx.attr(ROOT_INO).nlink == os.lstat(d).st_nlink  # not merged
 
 
-@pytest.mark.parametrize(("wh", "opq"), FORMS)
-def test_rich_chain_index_matches_kernel(tmp_path: Path, wh: str, opq: str) -> None:
+@pytest.mark.parametrize(("wh", "opq", "fmt"), FORMS)
+def test_rich_chain_index_matches_kernel(tmp_path: Path, wh: str, opq: str, fmt: str) -> None:
     """The index (with the backing files) equals a kernel overlay mount of the same chain in
-    kernel form; the .wh./user forms must give the same view as the kernel form."""
+    kernel form; each format reading its own forms must give the same view."""
     kernel_dirs = make_rich_chain(tmp_path / "k", "char", "trusted")
     dirs = (
         kernel_dirs
         if (wh, opq) == ("char", "trusted")
         else make_rich_chain(tmp_path / "x", wh, opq)
     )
-    got = snapshot_index(build_index(dirs))
+    got = snapshot_index(build_index(dirs, fmt))
     with kernel_overlay(kernel_dirs, tmp_path / "mnt") as mnt:
         want = snapshot(mnt)
     ignore = ("ino",) if dirs is kernel_dirs else ("ino", "root_mtime")

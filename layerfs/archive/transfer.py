@@ -8,6 +8,8 @@ contents and digests are in place, and a failure removes it again.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
@@ -46,6 +48,8 @@ def _filler(
     It runs under the store's write lock, inside create_layer/update_layer."""
 
     def fill(layer: Layer, lowers: list[str]) -> dict[str, Any]:
+        with contextlib.suppress(FileNotFoundError):  # a view index of the old contents
+            os.unlink(os.path.join(store.layer_dir(layer.id), "layerfs.index"))
         result = apply_tar(
             stream,
             store.diff_dir(layer.id),

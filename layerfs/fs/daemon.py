@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 import pyfuse3
 import trio
 
-from layerfs.fs.index import open_index
+from layerfs.fs.index import LayerPin, open_index
 from layerfs.fs.ops import WORKER_TASKS, UnionOperations, describe_os_error
 
 log = logging.getLogger("layerfs.fs.daemon")
@@ -223,6 +223,8 @@ def serve(
     diff_dirs: Sequence[str],
     layer_ids: Sequence[str] | None = None,
     *,
+    pins: Sequence[LayerPin | None] | None = None,
+    whiteout_format: str = "kernel",
     index_path: str | None = None,
     allow_other: bool = False,
     for_container: bool = False,
@@ -231,7 +233,10 @@ def serve(
 ) -> int:
     """Mount the view and serve it until unmounted or signalled. Returns an exit status.
 
-    Runs in the calling process (the CLI can call it for ``--foreground``)."""
+    Runs in the calling process (the CLI can call it for ``--foreground``). *pins* (one per
+    diff dir) say which layers may use a persisted index; *whiteout_format* is the store's
+    (:mod:`layerfs.overlayfmt`). *index_path* is obsolete and ignored (the index is per
+    layer now)."""
     ready = _Ready(ready_fd)
     ready.send(f"PID {os.getpid()}")
     stage = "check"
@@ -239,7 +244,7 @@ def serve(
         preflight(mountpoint, allow_other)
         stage = "index"
         t0 = time.monotonic()
-        index, cached = open_index(diff_dirs, index_path)
+        index, cached = open_index(diff_dirs, pins, whiteout_format=whiteout_format)
         log.info(
             "index %s: %d entries, %d layers, %.3f s",
             "loaded" if cached else "built",
@@ -278,7 +283,17 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("mountpoint")
     p.add_argument("diff_dirs", nargs="+", help="layer diff dirs, top layer first")
     p.add_argument("--layer-id", action="append", default=[], help="one per diff dir, in order")
-    p.add_argument("--index", dest="index_path", help="index cache file")
+    p.add_argument("--index", dest="index_path", help="obsolete, ignored")
+    p.add_argument(
+        "--digest", action="append", default=[], help="one per diff dir: diff digest or ''"
+    )
+    p.add_argument(
+        "--tar-split", action="append", default=[], help="one per diff dir: tar-split or ''"
+    )
+    p.add_argument(
+        "--index-file", action="append", default=[], help="one per diff dir: index file or ''"
+    )
+    p.add_argument("--whiteout-format", choices=("kernel", "aufs"), default="kernel")
     p.add_argument("--allow-other", action="store_true")
     p.add_argument("--for-container", action="store_true", help="keep suid and dev")
     p.add_argument("--foreground", action="store_true")
@@ -313,10 +328,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull if not a.log_path else 2, 1)
         os.close(devnull)
         os.chdir("/")
+    pins: list[LayerPin | None] | None = None
+    if a.index_file:
+        n = len(diff_dirs)
+        if not (len(a.layer_id) == len(a.digest) == len(a.tar_split) == len(a.index_file) == n):
+            print(
+                "--layer-id, --digest, --tar-split, --index-file: one each per diff dir",
+                file=sys.stderr,
+            )
+            return 2
+        pins = [
+            LayerPin(lid, dg, ts or None, os.path.abspath(ix)) if ix else None
+            for lid, dg, ts, ix in zip(a.layer_id, a.digest, a.tar_split, a.index_file, strict=True)
+        ]
     return serve(
         mountpoint,
         diff_dirs,
         a.layer_id or None,
+        pins=pins,
+        whiteout_format=a.whiteout_format,
         index_path=index_path,
         allow_other=a.allow_other,
         for_container=a.for_container,

@@ -54,6 +54,7 @@ from filelock import FileLock, Timeout
 
 from layerfs.errors import AmbiguousLayerError, InvalidArgumentError, LayerUnknownError, MountError
 from layerfs.fs import mount as fuse_mount
+from layerfs.fs.index import chain_pins
 from layerfs.mountinfo import entries, entry_at, normalize
 from layerfs.store import pending
 from layerfs.store.layers import Store
@@ -322,7 +323,8 @@ class MountManager:
                     diff_dirs,
                     [la.id for la in chain],
                     path,
-                    index_path=os.path.join(self.store.driver.layer_dir(layer_id), INDEX_FILE),
+                    pins=chain_pins(self.store, chain),
+                    whiteout_format=self.store.driver.whiteout_format(),
                     log_path=os.path.join(self.logs_dir, f"{layer_id}.log"),
                     allow_other=allow_other,
                     for_container=for_container,

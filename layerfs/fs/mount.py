@@ -15,11 +15,15 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import layerfs
 from layerfs.errors import MountError
 from layerfs.mountinfo import entry_at, is_mountpoint, mounts
 from layerfs.store.pending import pid_alive
+
+if TYPE_CHECKING:
+    from layerfs.fs.index import LayerPin
 
 __all__ = [
     "abort_connection",
@@ -54,7 +58,9 @@ def spawn_daemon(
     layer_ids: Sequence[str],
     mountpoint: str,
     *,
-    index_path: str | None,
+    index_path: str | None = None,
+    pins: Sequence[LayerPin | None] | None = None,
+    whiteout_format: str = "kernel",
     log_path: str,
     allow_other: bool = False,
     for_container: bool = False,
@@ -68,6 +74,9 @@ def spawn_daemon(
     caller. Raises MountError with one line when it fails or does not get ready within
     *timeout* seconds: the daemon's own ERROR line, else a pointer to its log file (never
     the log's tail, which may hold earlier runs); nothing is then left mounted or running.
+    *pins* (one per diff dir, see :class:`~layerfs.fs.index.LayerPin`) let pinned layers use
+    their persisted index; *whiteout_format* is the store's. *index_path* is obsolete and
+    ignored.
     """
     if layer_ids and len(layer_ids) != len(diff_dirs):
         raise MountError(f"{len(layer_ids)} layer ids for {len(diff_dirs)} layers")
@@ -76,8 +85,14 @@ def spawn_daemon(
     cmd += [os.path.abspath(d) for d in diff_dirs]
     for lid in layer_ids:
         cmd += ["--layer-id", lid]
-    if index_path:
-        cmd += ["--index", os.path.abspath(index_path)]
+    if pins is not None:
+        if len(pins) != len(diff_dirs) or len(layer_ids) != len(diff_dirs):
+            raise MountError(f"{len(pins)} layer pins for {len(diff_dirs)} layers")
+        for pin in pins:
+            cmd += ["--digest", pin.digest if pin else ""]
+            cmd += ["--tar-split", (pin.tar_split or "") if pin else ""]
+            cmd += ["--index-file", (pin.index_path or "") if pin else ""]
+    cmd += ["--whiteout-format", whiteout_format]
     cmd += ["--log", os.path.abspath(log_path)]
     if allow_other:
         cmd.append("--allow-other")

@@ -1,0 +1,260 @@
+"""Building a layer's index: producers of entries, the cache key, and the cache policy.
+
+A layer index is made from an iterator of :class:`~layerfs.fs.index.format.Entry` values.
+:func:`walk_diff` is the producer that reads a ``diff/`` directory; a later producer can read
+a table of contents (zstd:chunked, eStargz) instead and feed the same :func:`encode`.
+
+**What a persisted index trusts** (:func:`layer_index`): an index file beside a layer
+(``overlay/<id>/layerfs.index``) is used only for a layer whose content is pinned by a recorded
+uncompressed diff digest, and only when its key matches exactly: format version, layer id,
+that digest, the ``diff/`` directory's device, inode, mtime and ctime, the identity (device,
+inode, size, mtime, ctime) of the layer's tar-split file, and the identity of its ``work/`` directory (a
+read-write kernel mount of the layer recreates ``work/work``, changing it). Every applydiff
+writes a new digest and a new tar-split file, and layerfs's own applydiff deletes the index.
+A layer without a digest (a container layer, an empty created layer) and any layer that is at
+this moment the upper directory of a kernel overlay mount is scanned live and its index never
+written or read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from layerfs.errors import LayerfsError
+from layerfs.fs.index.format import (
+    Entry,
+    IndexFormatError,
+    LayerIndex,
+    decode,
+    encode,
+    read_file,
+    write_file,
+)
+from layerfs.overlayfmt import (
+    F_OTHER_DEV,
+    F_REDIRECT,
+    F_TRUSTED_WHITEOUT,
+    MARKER_XATTRS,
+    TRUSTED_PREFIX,
+    TRUSTED_REDIRECT,
+    TRUSTED_WHITEOUT,
+)
+
+log = logging.getLogger("layerfs.fs.index")
+
+INDEX_FILE = "layerfs.index"
+KEY_VERSION = 1
+
+
+class LayerReadError(LayerfsError):
+    """A layer's ``diff/`` cannot be read completely; no view is built from it."""
+
+
+@dataclass(frozen=True)
+class LayerPin:
+    """A store layer as the index sees it: its id, its recorded uncompressed diff digest
+    (``""``: none, the layer is not pinned), its tar-split file (``None``: none) and where its
+    index file lives (``None``: nowhere). Only a pinned layer's index file is read or written;
+    an unpinned layer's file is removed."""
+
+    layer_id: str
+    digest: str
+    tar_split: str | None = None
+    index_path: str | None = None
+
+
+def _read_xattrs(path: bytes) -> tuple[int, bytes | None, tuple[tuple[bytes, bytes], ...]]:
+    """(marker flags, redirect value, other xattrs) of *path* (not followed).
+
+    Raises LayerReadError naming the path when an xattr cannot be read (other than "not
+    supported"/"vanished"): a marker read as absent could expose hidden entries."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno == errno.ENOTSUP:
+            return 0, None, ()
+        raise LayerReadError(
+            f"cannot list the xattrs of {os.fsdecode(path)}: {os.strerror(e.errno or 0)}"
+        ) from None
+    flags = 0
+    redirect = None
+    out = []
+    for n in names:
+        nb = os.fsencode(n)
+        try:
+            value = os.getxattr(path, nb, follow_symlinks=False)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP):
+                continue
+            raise LayerReadError(
+                f"cannot read xattr {os.fsdecode(nb)} of {os.fsdecode(path)}: "
+                f"{os.strerror(e.errno or 0)}"
+            ) from None
+        marker = MARKER_XATTRS.get(nb)
+        if marker is not None:
+            flags |= marker.get(value, 0)
+        if nb == TRUSTED_WHITEOUT:
+            flags |= F_TRUSTED_WHITEOUT
+        elif nb == TRUSTED_REDIRECT:
+            redirect = value
+        if nb.startswith(TRUSTED_PREFIX):
+            continue  # internal to every format; kept only as the facts above
+        out.append((nb, value))
+    out.sort()
+    return flags, redirect, tuple(out)
+
+
+def walk_diff(diff_dir: str | bytes) -> Iterator[Entry]:
+    """Every entry of a ``diff/`` tree, the root first; nothing is interpreted (whiteouts and
+    markers are reported like any file, with their marker flags). Symlinks are not followed;
+    entries on another device than the layer root (below a mount point) get F_OTHER_DEV.
+    Raises LayerReadError naming the path when something cannot be read."""
+    root = os.path.abspath(os.fsencode(diff_dir))
+    try:
+        root_dev = os.lstat(root).st_dev
+    except OSError as e:
+        raise LayerReadError(f"cannot read layer {os.fsdecode(root)}: {e.strerror}") from None
+    stack: list[bytes] = [b""]
+    while stack:
+        rel = stack.pop()
+        path = root + b"/" + rel if rel else root
+        try:
+            st = os.lstat(path)
+            link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+        except OSError as e:
+            raise LayerReadError(f"cannot read {os.fsdecode(path)}: {e.strerror}") from None
+        flags, redirect, xattrs = _read_xattrs(path)
+        if st.st_dev != root_dev:
+            flags |= F_OTHER_DEV
+        if stat.S_ISDIR(st.st_mode):
+            if redirect:
+                flags |= F_REDIRECT
+                link = redirect
+            try:
+                with os.scandir(path) as it:
+                    stack += [rel + b"/" + e.name if rel else e.name for e in it]
+            except OSError as e:
+                raise LayerReadError(f"cannot list {os.fsdecode(path)}: {e.strerror}") from None
+        else:
+            redirect = None
+        yield Entry(
+            rel,
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+            st.st_nlink,
+            st.st_rdev,
+            st.st_size,
+            st.st_blocks,
+            st.st_ino,
+            st.st_dev,
+            st.st_atime_ns,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            flags,
+            link,
+            xattrs,
+        )
+
+
+def _ident(path: str | bytes) -> list[int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def layer_key(diff_dir: str | bytes, pin: LayerPin | None) -> bytes:
+    """The cache key of a layer in its current state (see the module docstring)."""
+    d = os.fsencode(diff_dir)
+    st = os.lstat(d)
+    parts: dict[str, object] = {
+        "v": KEY_VERSION,
+        "diff": [st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns],
+        "work": _ident(os.path.join(os.path.dirname(d), b"work")),
+    }
+    if pin is not None:
+        parts["id"] = pin.layer_id
+        parts["digest"] = pin.digest
+        parts["tar-split"] = _ident(pin.tar_split) if pin.tar_split else None
+    return json.dumps(parts, sort_keys=True).encode()
+
+
+def _upper_dirs_in_use() -> set[bytes]:
+    """Upper dirs of the kernel overlay mounts of this mount namespace (they can change)."""
+    out: set[bytes] = set()
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        _head, sep, tail = line.partition(b" - ")
+        if not sep or not tail.startswith(b"overlay "):
+            continue
+        opts = tail.split(b" ")[-1]
+        for opt in opts.split(b","):
+            if opt.startswith(b"upperdir="):
+                out.add(_unescape(opt[len(b"upperdir=") :]))
+    return out
+
+
+def _unescape(s: bytes) -> bytes:
+    out = bytearray()
+    i = 0
+    while i < len(s):
+        if s[i] == 0x5C and i + 3 < len(s) + 0 and s[i + 1 : i + 4].isdigit():
+            out.append(int(s[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(s[i])
+            i += 1
+    return bytes(out)
+
+
+def scan_layer(diff_dir: str | bytes) -> LayerIndex:
+    """A fresh index of *diff_dir*, in memory (never persisted)."""
+    return decode(encode(walk_diff(diff_dir), b""), b"")
+
+
+def layer_index(diff_dir: str | bytes, pin: LayerPin | None) -> tuple[LayerIndex, bool]:
+    """The index of one layer: loaded from beside it when pinned and valid, else built.
+
+    Returns (index, loaded). A pinned layer's rebuilt index is saved (best effort, atomic).
+    An index file of an unpinned layer (for example left by an older layerfs) is removed,
+    best effort, and never read."""
+    d = os.path.abspath(os.fsencode(diff_dir))
+    if pin is None or pin.index_path is None:
+        return scan_layer(d), False
+    path = os.fsencode(pin.index_path)
+    if not pin.digest or d in _upper_dirs_in_use():
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return scan_layer(d), False
+    try:
+        key = layer_key(d, pin)
+    except OSError as e:
+        raise LayerReadError(f"cannot read layer {os.fsdecode(d)}: {e.strerror}") from None
+    try:
+        return read_file(path, key), True
+    except FileNotFoundError:
+        pass
+    except (OSError, IndexFormatError) as e:
+        log.warning("ignoring index %s (%s); rebuilding", os.fsdecode(path), e)
+    data = encode(walk_diff(d), key)
+    with contextlib.suppress(OSError):
+        os.unlink(path)  # whatever it was (a symlink, a damaged file): not ours to keep
+    if layer_key(d, pin) == key:  # unchanged while we walked: safe to keep
+        try:
+            write_file(path, data)
+        except OSError as e:
+            log.info("cannot save index %s: %s", os.fsdecode(path), e.strerror)
+    return decode(data, key), False

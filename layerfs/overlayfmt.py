@@ -1,0 +1,125 @@
+"""Whiteout, opaque and redirect rules of each store format, in one place.
+
+A store's ``overlay/.has-mount-program`` says which program mounts its layers, and with it how
+deletions are encoded in ``diff/`` (:meth:`OverlayLayout.whiteout_format`). A view of a layer
+chain must show exactly what the store's own mount shows, so every reader of ``diff/`` asks this
+module, never its own copy of the rules.
+
+``"kernel"`` (root store, no mount program): the running kernel's overlayfs in a lowerdir-only
+mount is the oracle (measured on Linux 6.18):
+
+* a whiteout is a character device 0:0, or (kernel >= 6.7) an *empty regular file* carrying
+  the xattr ``trusted.overlay.whiteout``; the parent need not be marked ``opaque=x`` for a
+  lookup to honour it;
+* a directory is opaque when ``trusted.overlay.opaque`` is exactly ``y``; ``x`` only marks a
+  directory holding xattr whiteouts and is *not* opaque; the root of a layer is never opaque;
+* ``trusted.overlay.redirect`` on a directory is followed (``redirect_always_follow``): an
+  absolute value (``/a/b``) continues the merge in the lower layers at that path from their
+  roots, a relative one at that name in the same parent;
+* everything else is ordinary: a file named ``.wh.x`` is a file called ``.wh.x``,
+  ``.wh..wh..opq`` is a file, ``user.overlay.opaque`` is an ordinary xattr (no ``userxattr``);
+* ``trusted.overlay.*`` xattrs are internal and never listed.
+
+``"aufs"`` (a store with a mount program): fuse-overlayfs 1.10 is the oracle (measured):
+
+* ``.wh.NAME`` (of any file type) hides ``NAME`` in lower layers *and* in its own layer; a
+  character device 0:0 is a whiteout too; a bare ``.wh.`` does nothing; every name starting with
+  ``.wh.`` is internal and never shown;
+* a directory is opaque when it holds an entry ``.wh..wh..opq`` (any type) or one of the xattrs
+  ``trusted.overlay.opaque``, ``user.overlay.opaque``, ``user.fuseoverlayfs.opaque`` is exactly
+  ``y``; this includes the root of a layer;
+* xattr whiteouts, ``opaque=x`` and redirects mean nothing;
+* ``trusted.overlay.*``, ``user.overlay.*`` and ``user.fuseoverlayfs.*`` xattrs are internal.
+"""
+
+from __future__ import annotations
+
+import stat
+from typing import Literal
+
+WhiteoutFormat = Literal["kernel", "aufs"]
+FORMATS: tuple[WhiteoutFormat, ...] = ("kernel", "aufs")
+
+WH_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+
+TRUSTED_PREFIX = b"trusted.overlay."
+TRUSTED_OPAQUE = b"trusted.overlay.opaque"
+TRUSTED_WHITEOUT = b"trusted.overlay.whiteout"
+TRUSTED_REDIRECT = b"trusted.overlay.redirect"
+USER_OPAQUE = b"user.overlay.opaque"
+FUSE_OPAQUE = b"user.fuseoverlayfs.opaque"
+
+HIDDEN_PREFIXES: dict[WhiteoutFormat, tuple[bytes, ...]] = {
+    "kernel": (TRUSTED_PREFIX,),
+    "aufs": (TRUSTED_PREFIX, b"user.overlay.", b"user.fuseoverlayfs."),
+}
+"""Xattr name prefixes the format's own mount never lists."""
+
+COMMON_HIDDEN_PREFIXES: tuple[bytes, ...] = (TRUSTED_PREFIX,)
+"""Prefixes hidden in every format."""
+
+# Raw facts about one entry of a layer, recorded by the per-layer index (format-independent).
+F_TRUSTED_OPAQUE_Y = 1 << 0
+F_TRUSTED_OPAQUE_X = 1 << 1
+F_USER_OPAQUE_Y = 1 << 2
+F_FUSE_OPAQUE_Y = 1 << 3
+F_TRUSTED_WHITEOUT = 1 << 4
+F_REDIRECT = 1 << 5  # the redirect value is stored as the row's "link" string
+F_OTHER_DEV = 1 << 6  # the entry lives on another device than its layer's root
+KNOWN_FLAGS = (1 << 7) - 1
+
+MARKER_XATTRS: dict[bytes, dict[bytes, int]] = {
+    TRUSTED_OPAQUE: {b"y": F_TRUSTED_OPAQUE_Y, b"x": F_TRUSTED_OPAQUE_X},
+    USER_OPAQUE: {b"y": F_USER_OPAQUE_Y},
+    FUSE_OPAQUE: {b"y": F_FUSE_OPAQUE_Y},
+}
+"""Opaque-marker xattrs and the flag each value sets (other values set nothing)."""
+
+
+def check_format(fmt: str) -> WhiteoutFormat:
+    """*fmt* as a :data:`WhiteoutFormat`; ValueError for anything else."""
+    if fmt == "kernel":
+        return "kernel"
+    if fmt == "aufs":
+        return "aufs"
+    raise ValueError(f"unknown whiteout format {fmt!r} (kernel or aufs)")
+
+
+def is_hidden_xattr(fmt: WhiteoutFormat, name: bytes) -> bool:
+    """True if the format's mount never lists xattr *name*."""
+    return name.startswith(HIDDEN_PREFIXES[fmt])
+
+
+def is_internal_name(fmt: WhiteoutFormat, name: bytes) -> bool:
+    """True if *name* is a marker the format's mount never shows (whatever it marks)."""
+    return fmt == "aufs" and name.startswith(WH_PREFIX)
+
+
+def whiteout_target(
+    fmt: WhiteoutFormat, name: bytes, mode: int, rdev: int, size: int, flags: int
+) -> bytes | None:
+    """The name this entry whites out in its directory, or None if it is no whiteout."""
+    if fmt == "aufs" and name.startswith(WH_PREFIX):  # by name, whatever the file type
+        if name != OPAQUE_MARKER and len(name) > len(WH_PREFIX):
+            return name[len(WH_PREFIX) :]
+        return None
+    if stat.S_ISCHR(mode) and rdev == 0:
+        return name
+    if fmt == "kernel" and stat.S_ISREG(mode) and size == 0 and flags & F_TRUSTED_WHITEOUT:
+        return name
+    return None
+
+
+def is_opaque(fmt: WhiteoutFormat, flags: int, has_marker_child: bool, is_root: bool) -> bool:
+    """True if a layer's directory hides the same directory in all lower layers."""
+    if fmt == "kernel":
+        return not is_root and bool(flags & F_TRUSTED_OPAQUE_Y)
+    return has_marker_child or bool(
+        flags & (F_TRUSTED_OPAQUE_Y | F_USER_OPAQUE_Y | F_FUSE_OPAQUE_Y)
+    )
+
+
+def follows_redirects(fmt: WhiteoutFormat) -> bool:
+    """True if the format's mount follows ``trusted.overlay.redirect`` on directories."""
+    return fmt == "kernel"
