@@ -67,6 +67,7 @@ def build(work: str, files: int, big_mib: int) -> list[str]:
 PROBE_PAUSE = 0.0005
 """Seconds between two probes (a busy-looping probe would compete with the reads it measures)."""
 
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return round(xs[min(len(xs) - 1, int(len(xs) * p))] * 1e6, 1)

@@ -78,8 +78,15 @@ class Layer:
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
-    def _meta(self, p: Path, mode: int | None, uid: int, gid: int, mtime_ns: int | None,
-              xattrs: dict[str, bytes] | None) -> None:
+    def _meta(
+        self,
+        p: Path,
+        mode: int | None,
+        uid: int,
+        gid: int,
+        mtime_ns: int | None,
+        xattrs: dict[str, bytes] | None,
+    ) -> None:
         os.chown(p, uid, gid, follow_symlinks=False)
         if mode is not None:
             os.chmod(p, mode)
@@ -88,9 +95,16 @@ class Layer:
         if mtime_ns is not None:
             self._times.append((p, mtime_ns))
 
-    def dir(self, rel: str, mode: int = 0o755, uid: int = 0, gid: int = 0,
-            mtime_ns: int | None = None, xattrs: dict[str, bytes] | None = None,
-            opaque: bool = False) -> Layer:
+    def dir(
+        self,
+        rel: str,
+        mode: int = 0o755,
+        uid: int = 0,
+        gid: int = 0,
+        mtime_ns: int | None = None,
+        xattrs: dict[str, bytes] | None = None,
+        opaque: bool = False,
+    ) -> Layer:
         p = self._p(rel)
         p.mkdir(exist_ok=True)
         self._meta(p, mode, uid, gid, mtime_ns, xattrs)
@@ -108,15 +122,24 @@ class Layer:
             (p / ".wh..wh..opq").touch(mode=0o000)
         return self
 
-    def file(self, rel: str, data: bytes = b"", mode: int = 0o644, uid: int = 0, gid: int = 0,
-             mtime_ns: int | None = None, xattrs: dict[str, bytes] | None = None) -> Layer:
+    def file(
+        self,
+        rel: str,
+        data: bytes = b"",
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+        mtime_ns: int | None = None,
+        xattrs: dict[str, bytes] | None = None,
+    ) -> Layer:
         p = self._p(rel)
         p.write_bytes(data)
         self._meta(p, mode, uid, gid, mtime_ns, xattrs)
         return self
 
-    def symlink(self, rel: str, target: str, uid: int = 0, gid: int = 0,
-                mtime_ns: int | None = None) -> Layer:
+    def symlink(
+        self, rel: str, target: str, uid: int = 0, gid: int = 0, mtime_ns: int | None = None
+    ) -> Layer:
         p = self._p(rel)
         os.symlink(target, p)
         self._meta(p, None, uid, gid, mtime_ns, None)
@@ -163,8 +186,9 @@ class Layer:
         return out
 
 
-def make_rich_chain(base: Path, whiteout_form: str = "char",
-                    opaque_form: str = "trusted") -> list[str]:
+def make_rich_chain(
+    base: Path, whiteout_form: str = "char", opaque_form: str = "trusted"
+) -> list[str]:
     """A 3-layer chain exercising every rule; returns diff dirs top first."""
     l2 = Layer(base / "l2", whiteout_form, opaque_form)
     l1 = Layer(base / "l1", whiteout_form, opaque_form)
@@ -180,8 +204,9 @@ def make_rich_chain(base: Path, whiteout_form: str = "char",
     l2.file("bin/sgid", b"sg", mode=0o2755, mtime_ns=T0 + 7)
     l2.file("bin/link-a", b"shared", mtime_ns=T0 + 8).hardlink("bin/link-b", "bin/link-a")
     l2.hardlink("bin/link-c", "bin/link-a")
-    l2.file("bin/cap", b"cap", mode=0o755, mtime_ns=T0 + 9,
-            xattrs={"security.capability": CAP_NET_BIND})
+    l2.file(
+        "bin/cap", b"cap", mode=0o755, mtime_ns=T0 + 9, xattrs={"security.capability": CAP_NET_BIND}
+    )
     l2.dir("tmp", mode=0o1777, mtime_ns=T0 + 10)
     l2.dir("dev", mtime_ns=T0 + 11)
     l2.device("dev/null", "c", 1, 3, mode=0o666)
@@ -195,8 +220,16 @@ def make_rich_chain(base: Path, whiteout_form: str = "char",
     l2.file("f2d", b"file that becomes a dir")
     l2.file("d2f/inner", b"dir that becomes a file")
     l2.file("keep/sub/deep/file", b"deep").file("keep/sub/other", b"o")
-    l2.file("xa", b"xattrs", xattrs={"user.foo": b"bar", "trusted.overlay.junk": b"j",
-                                     "user.overlay.junk": b"j", "trusted.t": b"\x00\x01"})
+    l2.file(
+        "xa",
+        b"xattrs",
+        xattrs={
+            "user.foo": b"bar",
+            "trusted.overlay.junk": b"j",
+            "user.overlay.junk": b"j",
+            "trusted.t": b"\x00\x01",
+        },
+    )
     l2.symlink("lnk", "etc/passwd", mtime_ns=T0 + 20)
     l2.symlink("dangling", "/nonexistent/target", uid=1000, gid=100)
     l2.file("owned", b"o", mode=0o640, uid=1234, gid=5678, mtime_ns=-1_000_000_001)
@@ -222,8 +255,7 @@ def make_rich_chain(base: Path, whiteout_form: str = "char",
     l0.dir("olddir", mode=0o711, mtime_ns=T0 + 201)
     l0.file("olddir/z", b"recreated")
     l0.dir("f2d", mtime_ns=T0 + 202).file("f2d/inside", b"inside")
-    l0.dir("etc", mode=0o750, uid=0, gid=42, mtime_ns=T0 + 203,
-           xattrs={"user.dirattr": b"top"})
+    l0.dir("etc", mode=0o750, uid=0, gid=42, mtime_ns=T0 + 203, xattrs={"user.dirattr": b"top"})
     l0.file("data/a", b"A" * 7, mtime_ns=T0 + 204)
     l0.whiteout("bin/link-a")
     l0.dir("opq2", opaque=True).file("opq2/new", b"new")
@@ -238,16 +270,50 @@ def make_rich_chain(base: Path, whiteout_form: str = "char",
 def rich_chain_expected_paths() -> set[str]:
     """The paths the rich chain must show (semantics written out by hand)."""
     return {
-        "etc", "etc/passwd", "etc/hosts",
-        "bin", "bin/sh", "bin/su", "bin/sgid", "bin/link-b", "bin/link-c", "bin/cap",
-        "bin/l1-a", "bin/l1-b",
-        "tmp", "dev", "dev/null", "dev/sda", "dev/initctl",
-        "data", "data/a", "data/b", "data/d", "data/e", "data/f",
-        "olddir", "olddir/z",
-        "opq", "opq/new1", "opq2", "opq2/new",
-        "f2d", "f2d/inside", "d2f",
-        "keep", "keep/sub", "keep/sub/other", "keep/sub/file2",
-        "xa", "lnk", "dangling", "owned", "big", "top-only", "whdir", "emptydir",
+        "etc",
+        "etc/passwd",
+        "etc/hosts",
+        "bin",
+        "bin/sh",
+        "bin/su",
+        "bin/sgid",
+        "bin/link-b",
+        "bin/link-c",
+        "bin/cap",
+        "bin/l1-a",
+        "bin/l1-b",
+        "tmp",
+        "dev",
+        "dev/null",
+        "dev/sda",
+        "dev/initctl",
+        "data",
+        "data/a",
+        "data/b",
+        "data/d",
+        "data/e",
+        "data/f",
+        "olddir",
+        "olddir/z",
+        "opq",
+        "opq/new1",
+        "opq2",
+        "opq2/new",
+        "f2d",
+        "f2d/inside",
+        "d2f",
+        "keep",
+        "keep/sub",
+        "keep/sub/other",
+        "keep/sub/file2",
+        "xa",
+        "lnk",
+        "dangling",
+        "owned",
+        "big",
+        "top-only",
+        "whdir",
+        "emptydir",
     }
 
 
@@ -272,9 +338,19 @@ def _xattrs(path: str, hidden: tuple[bytes, ...] = HIDDEN_XATTR_PREFIXES) -> dic
     return out
 
 
-def _record(mode: int, ino: int, nlink: int, uid: int, gid: int, size: int, mtime_ns: int,
-            rdev: int, data: bytes | None, link: bytes | None,
-            xattrs: dict[bytes, bytes]) -> dict[str, Any]:
+def _record(
+    mode: int,
+    ino: int,
+    nlink: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime_ns: int,
+    rdev: int,
+    data: bytes | None,
+    link: bytes | None,
+    xattrs: dict[bytes, bytes],
+) -> dict[str, Any]:
     return {
         "type": stat.S_IFMT(mode),
         "mode": stat.S_IMODE(mode),
@@ -291,8 +367,9 @@ def _record(mode: int, ino: int, nlink: int, uid: int, gid: int, size: int, mtim
     }
 
 
-def snapshot(root: str, hidden: tuple[bytes, ...] = HIDDEN_XATTR_PREFIXES
-             ) -> dict[str, dict[str, Any]]:
+def snapshot(
+    root: str, hidden: tuple[bytes, ...] = HIDDEN_XATTR_PREFIXES
+) -> dict[str, dict[str, Any]]:
     """Every entry under *root* (root itself as ''), read through the filesystem; xattrs
     starting with one of *hidden* are left out."""
     out: dict[str, dict[str, Any]] = {}
@@ -311,8 +388,19 @@ def snapshot(root: str, hidden: tuple[bytes, ...] = HIDDEN_XATTR_PREFIXES
                 data = f.read()
         elif stat.S_ISLNK(st.st_mode):
             link = os.fsencode(os.readlink(path))
-        out[rel] = _record(st.st_mode, st.st_ino, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
-                           st.st_mtime_ns, st.st_rdev, data, link, _xattrs(path, hidden))
+        out[rel] = _record(
+            st.st_mode,
+            st.st_ino,
+            st.st_nlink,
+            st.st_uid,
+            st.st_gid,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_rdev,
+            data,
+            link,
+            _xattrs(path, hidden),
+        )
         if stat.S_ISDIR(st.st_mode):
             for name in sorted(os.listdir(path)):
                 visit(f"{rel}/{name}" if rel else name)
@@ -321,8 +409,9 @@ def snapshot(root: str, hidden: tuple[bytes, ...] = HIDDEN_XATTR_PREFIXES
     return out
 
 
-def snapshot_index(idx: UnionIndex, hidden: tuple[bytes, ...] = HIDDEN_XATTR_PREFIXES
-                   ) -> dict[str, dict[str, Any]]:
+def snapshot_index(
+    idx: UnionIndex, hidden: tuple[bytes, ...] = HIDDEN_XATTR_PREFIXES
+) -> dict[str, dict[str, Any]]:
     """The same records computed from an index and its backing files (no mount)."""
     out: dict[str, dict[str, Any]] = {}
     entries = [(b"", 1), *idx.walk()]
@@ -334,10 +423,19 @@ def snapshot_index(idx: UnionIndex, hidden: tuple[bytes, ...] = HIDDEN_XATTR_PRE
                 data = f.read()
         elif stat.S_ISLNK(a.mode):
             link = idx.readlink(ino)
-        out[os.fsdecode(rel)] = _record(a.mode, a.ino, a.nlink, a.uid, a.gid, a.size, a.mtime_ns,
-                                        a.rdev, data, link,
-                                        {k: v for k, v in idx.xattrs(ino)
-                                         if not k.startswith(hidden)})
+        out[os.fsdecode(rel)] = _record(
+            a.mode,
+            a.ino,
+            a.nlink,
+            a.uid,
+            a.gid,
+            a.size,
+            a.mtime_ns,
+            a.rdev,
+            data,
+            link,
+            {k: v for k, v in idx.xattrs(ino) if not k.startswith(hidden)},
+        )
     return out
 
 
@@ -350,9 +448,13 @@ def hardlink_groups(snap: dict[str, dict[str, Any]]) -> dict[str, frozenset[str]
     return {p: frozenset(by_ino[r["ino"]]) for p, r in snap.items() if r["type"] != stat.S_IFDIR}
 
 
-def assert_same_tree(got: dict[str, dict[str, Any]], want: dict[str, dict[str, Any]],
-                     ignore: Sequence[str] = (), check_links: bool = True,
-                     dir_nlink: bool = True) -> None:
+def assert_same_tree(
+    got: dict[str, dict[str, Any]],
+    want: dict[str, dict[str, Any]],
+    ignore: Sequence[str] = (),
+    check_links: bool = True,
+    dir_nlink: bool = True,
+) -> None:
     """Entry-by-entry comparison; hard-link groups (same st_ino) must match too."""
     problems = []
     if set(got) != set(want):
@@ -378,6 +480,7 @@ def assert_same_tree(got: dict[str, dict[str, Any]], want: dict[str, dict[str, A
 
 # -- mounts -------------------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def kernel_overlay(diff_dirs: Sequence[str], mnt: Path) -> Iterator[str]:
     """Mount the chain (top first) read-only with kernel overlayfs."""
@@ -388,9 +491,11 @@ def kernel_overlay(diff_dirs: Sequence[str], mnt: Path) -> Iterator[str]:
         empty = mnt.parent / (mnt.name + "-empty")
         empty.mkdir(exist_ok=True)
         dirs.append(str(empty))
-    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        "ro,lowerdir=" + ":".join(dirs), str(mnt)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", "ro,lowerdir=" + ":".join(dirs), str(mnt)],
+        capture_output=True,
+        text=True,
+    )
     require(r.returncode == 0, f"kernel overlay mount failed: {r.stderr.strip()}")
     try:
         yield str(mnt)
@@ -404,8 +509,11 @@ def kernel_overlay(diff_dirs: Sequence[str], mnt: Path) -> Iterator[str]:
 def fuse_overlayfs(diff_dirs: Sequence[str], mnt: Path) -> Iterator[str]:
     require_fuse_overlayfs()
     mnt.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["fuse-overlayfs", "-o", "lowerdir=" + ":".join(diff_dirs), str(mnt)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["fuse-overlayfs", "-o", "lowerdir=" + ":".join(diff_dirs), str(mnt)],
+        capture_output=True,
+        text=True,
+    )
     require(r.returncode == 0, f"fuse-overlayfs failed: {r.stderr.strip()}")
     try:
         yield str(mnt)
@@ -425,16 +533,27 @@ class LayerfsMount:
 
 
 @contextlib.contextmanager
-def layerfs_mount(diff_dirs: Sequence[str], mnt: Path, *, index_path: Path | None = None,
-                  layer_ids: Sequence[str] = (), **kw: Any) -> Iterator[LayerfsMount]:
+def layerfs_mount(
+    diff_dirs: Sequence[str],
+    mnt: Path,
+    *,
+    index_path: Path | None = None,
+    layer_ids: Sequence[str] = (),
+    **kw: Any,
+) -> Iterator[LayerfsMount]:
     """Mount with the layerfs daemon; always unmounted and the daemon gone afterwards."""
     require_fuse()
     mnt.mkdir(parents=True, exist_ok=True)
     log = str(mnt.parent / (mnt.name + ".log"))
     # a layerfs mount that fails is the code under test failing: never a skip
-    pid = spawn_daemon(list(diff_dirs), list(layer_ids), str(mnt),
-                       index_path=str(index_path) if index_path else None,
-                       log_path=log, **kw)
+    pid = spawn_daemon(
+        list(diff_dirs),
+        list(layer_ids),
+        str(mnt),
+        index_path=str(index_path) if index_path else None,
+        log_path=log,
+        **kw,
+    )
     m = LayerfsMount(str(mnt), pid, log)
     try:
         yield m

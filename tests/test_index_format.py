@@ -197,8 +197,20 @@ def _dotdot(good: bytes) -> bytes:
 
 
 HOSTILE = [
-    "slash", "dotdot", "nul", "parent", "first", "count", "name_off", "link_off",
-    "link_len", "xattr_count", "unsorted", "mode", "nsec", "flags",
+    "slash",
+    "dotdot",
+    "nul",
+    "parent",
+    "first",
+    "count",
+    "name_off",
+    "link_off",
+    "link_len",
+    "xattr_count",
+    "unsorted",
+    "mode",
+    "nsec",
+    "flags",
 ]
 
 

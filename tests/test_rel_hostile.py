@@ -82,8 +82,10 @@ def _corpus() -> dict[str, tuple[bytes, bool]]:
             False,
         ),
         "symlink-then-dir-over": (
-            raw_entry(b"d", typeflag=b"2", link=v) + raw_entry(b"d/", typeflag=b"5")
-            + raw_entry(b"d/passwd", b"p") + raw_entry(b"d", typeflag=b"2", link=v)
+            raw_entry(b"d", typeflag=b"2", link=v)
+            + raw_entry(b"d/", typeflag=b"5")
+            + raw_entry(b"d/passwd", b"p")
+            + raw_entry(b"d", typeflag=b"2", link=v)
             + raw_entry(b"d/x", b"p"),
             False,
         ),
@@ -91,7 +93,9 @@ def _corpus() -> dict[str, tuple[bytes, bool]]:
         "cross-layer-rel-symlink": (raw_entry(b"up/passwd", b"pwned"), True),
         "cross-layer-hardlink": (raw_entry(b"h", typeflag=b"1", link=b"lowerfile"), True),
         "cross-layer-hardlink-via-symlink": (
-            raw_entry(b"h", typeflag=b"1", link=b"etc/passwd"), True),
+            raw_entry(b"h", typeflag=b"1", link=b"etc/passwd"),
+            True,
+        ),
         "hardlink-dotdot": (raw_entry(b"h", typeflag=b"1", link=b"../victim/passwd"), False),
         "hardlink-deep": (raw_entry(b"h", typeflag=b"1", link=DEEP + b"etc/shadow"), False),
         "hardlink-abs-outside": (raw_entry(b"h", typeflag=b"1", link=v + b"/passwd"), False),
@@ -103,14 +107,21 @@ def _corpus() -> dict[str, tuple[bytes, bool]]:
         "bare-whiteout": (raw_entry(b"d/.wh."), False),
         "whiteout-dotdot": (raw_entry(b".wh..."), False),
         "duplicate": (raw_entry(b"f", b"1") + raw_entry(b"./f", b"2"), False),
-        "pax-path-escape": (pax_entry({b"path": b"../victim/passwd"}, raw_entry(b"x", b"p")),
-                            False),
+        "pax-path-escape": (
+            pax_entry({b"path": b"../victim/passwd"}, raw_entry(b"x", b"p")),
+            False,
+        ),
         "pax-linkpath-escape": (
-            pax_entry({b"linkpath": b"../../victim/passwd"},
-                      raw_entry(b"h", typeflag=b"1", link=b"x")), False),
+            pax_entry(
+                {b"linkpath": b"../../victim/passwd"}, raw_entry(b"h", typeflag=b"1", link=b"x")
+            ),
+            False,
+        ),
         "gnu-longlink-escape": (
             raw_entry(b"././@LongLink", DEEP + b"victim\0", b"K")
-            + raw_entry(b"h", typeflag=b"1", link=b"x"), False),
+            + raw_entry(b"h", typeflag=b"1", link=b"x"),
+            False,
+        ),
         "huge-pax-header": (pax_entry({b"comment": b"c" * (2 << 20)}, ok), False),
         "huge-gnu-longname": (raw_entry(b"././@LongLink", big_name, b"L") + ok, False),
         "pax-bad-record": (raw_entry(b"PaxHeaders/x", b"99999 path=a\n", b"x") + ok, False),
@@ -122,9 +133,13 @@ def _corpus() -> dict[str, tuple[bytes, bool]]:
         "truncated-gzip": (good_gz[: len(good_gz) // 2], False),
         "gzip-bad-crc": (good_gz[:-8] + bytes(8), False),
         "gzip-corrupt-middle": (
-            good_gz[:20] + bytes(b ^ 0x5A for b in good_gz[20:60]) + good_gz[60:], False),
-        "zstd-truncated": (zstandard.ZstdCompressor().compress(make_tar({"a": bytes(9000)}))[:-9],
-                           False),
+            good_gz[:20] + bytes(b ^ 0x5A for b in good_gz[20:60]) + good_gz[60:],
+            False,
+        ),
+        "zstd-truncated": (
+            zstandard.ZstdCompressor().compress(make_tar({"a": bytes(9000)}))[:-9],
+            False,
+        ),
         "xz-truncated": (lzma.compress(make_tar({"a": os.urandom(9000)}))[:-40], False),
         "bzip2-truncated": (bz2.compress(make_tar({"a": os.urandom(9000)}))[:-30], False),
         "junk": (b"\x00\x01garbage" * 300, False),
@@ -211,8 +226,10 @@ def test_hostile_tar_through_the_cli(
 
 _SEEDS = [
     make_tar({"d/": None, "d/f": b"hello", "g": b"x" * 700}),
-    raw_entry(b"l", typeflag=b"2", link=b"d") + raw_entry(b"d/", typeflag=b"5")
-    + raw_entry(b"d/h", typeflag=b"1", link=b"l") + raw_entry(b"d/.wh.x"),
+    raw_entry(b"l", typeflag=b"2", link=b"d")
+    + raw_entry(b"d/", typeflag=b"5")
+    + raw_entry(b"d/h", typeflag=b"1", link=b"l")
+    + raw_entry(b"d/.wh.x"),
     pax_entry({b"path": b"p/q", b"SCHILY.xattr.user.a": b"v"}, raw_entry(b"x", b"data")),
     gzip.compress(make_tar({"a": b"a" * 3000, "b/": None})),
     zstandard.ZstdCompressor().compress(make_tar({"z": b"z" * 100})),
@@ -276,8 +293,12 @@ def test_fuzz_apply_tar_with_lowers(data: bytes) -> None:
         apply_tar(io.BytesIO(raw_entry(b"etc", typeflag=b"2", link=b"/etc")), lower)
         before = tree_snapshot(lower)
         with contextlib.suppress(LayerfsError):
-            apply_tar(io.BytesIO(data), os.path.join(top, "diff"), lower_diff_dirs=[lower],
-                      tar_split_path=os.path.join(top, "ts"))
+            apply_tar(
+                io.BytesIO(data),
+                os.path.join(top, "diff"),
+                lower_diff_dirs=[lower],
+                tar_split_path=os.path.join(top, "ts"),
+            )
         assert sorted(os.listdir(top)) in (["diff", "lower"], ["diff", "lower", "ts"])
         assert tree_snapshot(lower) == before
 
@@ -296,15 +317,30 @@ _TS_LINES = gzip.decompress(_TS)
 
 
 @_FUZZ
-@given(data=st.one_of(
-    mutated([_TS]),
-    mutated([_TS_LINES]).map(gzip.compress),
-    st.lists(st.sampled_from([
-        b'{"type":1}', b'{"type":2,"payload":"!!"}', b'{"type":"x"}', b"[]", b"null",
-        b'{"type":1,"name_raw":"////"}', b'{"type":1,"size":-1}', b'{"type":1,"size":1e999}',
-        b'{"type":2,"payload":null,"position":"x"}', b"\xff\xfe", b'{"type":1,"name":5}',
-    ]), max_size=5).map(lambda ls: gzip.compress(b"\n".join(ls))),
-))
+@given(
+    data=st.one_of(
+        mutated([_TS]),
+        mutated([_TS_LINES]).map(gzip.compress),
+        st.lists(
+            st.sampled_from(
+                [
+                    b'{"type":1}',
+                    b'{"type":2,"payload":"!!"}',
+                    b'{"type":"x"}',
+                    b"[]",
+                    b"null",
+                    b'{"type":1,"name_raw":"////"}',
+                    b'{"type":1,"size":-1}',
+                    b'{"type":1,"size":1e999}',
+                    b'{"type":2,"payload":null,"position":"x"}',
+                    b"\xff\xfe",
+                    b'{"type":1,"name":5}',
+                ]
+            ),
+            max_size=5,
+        ).map(lambda ls: gzip.compress(b"\n".join(ls))),
+    )
+)
 def test_fuzz_tar_split_reader(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as top:
         path = os.path.join(top, "x.tar-split.gz")
@@ -330,8 +366,9 @@ def _layers_seed() -> bytes:
 _LAYERS = _layers_seed()
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids,
-                                                              max_size=3),
+    lambda kids: (
+        st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -341,11 +378,27 @@ def edited_records(draw: st.DrawFn) -> bytes:
     records = json.loads(_LAYERS)
     rec = draw(st.sampled_from(records))
     key = draw(st.sampled_from([*sorted(rec), "flags", "id", "parent", "names", "created"]))
-    value = draw(st.one_of(_json_values, st.sampled_from([
-        "../../../victim", "../../../../victim", "/", "..", ".", "a/b", "",
-        {"incomplete": True}, ["../x"], -1, 2**70,
-        "2026-13-45T99:99:99Z",
-    ])))
+    value = draw(
+        st.one_of(
+            _json_values,
+            st.sampled_from(
+                [
+                    "../../../victim",
+                    "../../../../victim",
+                    "/",
+                    "..",
+                    ".",
+                    "a/b",
+                    "",
+                    {"incomplete": True},
+                    ["../x"],
+                    -1,
+                    2**70,
+                    "2026-13-45T99:99:99Z",
+                ]
+            ),
+        )
+    )
     rec[key] = value
     if draw(st.booleans()):
         rec.setdefault("flags", {})

@@ -32,6 +32,7 @@ NOBODY = ["--reuid=65534", "--regid=65534", "--clear-groups"]
 def _layer_tar() -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+
         def add(name: str, data: bytes, mode: int, kind: bytes = tarfile.REGTYPE) -> None:
             info = tarfile.TarInfo(name)
             info.mode, info.type, info.mtime = mode, kind, 1_700_000_000

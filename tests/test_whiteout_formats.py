@@ -37,9 +37,24 @@ HIDDEN = {
 }
 NAMES = ["a", "b", "c", ".wh.a", ".wh.b"]
 KINDS = [
-    "file", "empty", "dir", "symlink", "hardlink", "whiteout-char", "whiteout-file",
-    "whiteout-xattr", "xattr-nonempty", "opaque-trusted", "opaque-x", "opaque-user",
-    "opaque-fuse", "opaque-marker", "redirect-abs", "redirect-rel", "dev", "fifo",
+    "file",
+    "empty",
+    "dir",
+    "symlink",
+    "hardlink",
+    "whiteout-char",
+    "whiteout-file",
+    "whiteout-xattr",
+    "xattr-nonempty",
+    "opaque-trusted",
+    "opaque-x",
+    "opaque-user",
+    "opaque-fuse",
+    "opaque-marker",
+    "redirect-abs",
+    "redirect-rel",
+    "dev",
+    "fifo",
 ]
 
 
@@ -57,13 +72,24 @@ def _random_layer(root: Path, rng: random.Random, n: int, ops: int) -> str:
         p = root / rel
         kind = rng.choice(KINDS)
         try:
-            if os.path.lexists(p) and kind not in ("opaque-trusted", "opaque-x", "opaque-user",
-                                                   "opaque-fuse", "opaque-marker", "redirect-abs",
-                                                   "redirect-rel"):
+            if os.path.lexists(p) and kind not in (
+                "opaque-trusted",
+                "opaque-x",
+                "opaque-user",
+                "opaque-fuse",
+                "opaque-marker",
+                "redirect-abs",
+                "redirect-rel",
+            ):
                 continue
             if kind == "file":
-                lay.file(rel, f"{n}:{rel}".encode(), mode=0o640 + n, uid=n,
-                         xattrs={"user.l": str(n).encode()} if rng.random() < 0.3 else None)
+                lay.file(
+                    rel,
+                    f"{n}:{rel}".encode(),
+                    mode=0o640 + n,
+                    uid=n,
+                    xattrs={"user.l": str(n).encode()} if rng.random() < 0.3 else None,
+                )
             elif kind == "empty":
                 lay.file(rel, b"")
             elif kind == "dir":
@@ -131,8 +157,9 @@ def _oracle(fmt: str, dirs: list[str], mnt: Path) -> dict[str, dict[str, object]
         return snapshot(m, HIDDEN[fmt])
 
 
-def _compare(fmt: str, got: dict[str, dict[str, object]], want: dict[str, dict[str, object]]
-             ) -> None:
+def _compare(
+    fmt: str, got: dict[str, dict[str, object]], want: dict[str, dict[str, object]]
+) -> None:
     if fmt == "kernel":
         assert_same_tree(got, want, ignore=("ino",))
     else:
@@ -208,14 +235,45 @@ def _marker_chain(base: Path) -> list[str]:
 
 
 KERNEL_VIEW = {
-    "evil", ".wh.evil", "etc", "etc/lower", ".wh.etc", "plain", "plain/lower", "plain/.wh.lower",
-    "opq-t", "opq-x", "opq-x/lower", "opq-u", "opq-u/lower", "opq-f", "opq-f/lower",
-    "opq-m", "opq-m/lower", "opq-m/.wh..wh..opq", "red-src", "red-src/lower", "red-dst",
-    "red-dst/lower", "xw", "xw/lower",
+    "evil",
+    ".wh.evil",
+    "etc",
+    "etc/lower",
+    ".wh.etc",
+    "plain",
+    "plain/lower",
+    "plain/.wh.lower",
+    "opq-t",
+    "opq-x",
+    "opq-x/lower",
+    "opq-u",
+    "opq-u/lower",
+    "opq-f",
+    "opq-f/lower",
+    "opq-m",
+    "opq-m/lower",
+    "opq-m/.wh..wh..opq",
+    "red-src",
+    "red-src/lower",
+    "red-dst",
+    "red-dst/lower",
+    "xw",
+    "xw/lower",
 }
 AUFS_VIEW = {
-    "plain", "opq-t", "opq-x", "opq-x/lower", "opq-u", "opq-f", "opq-m", "red-src",
-    "red-src/lower", "red-dst", "xw", "xw/lower", "xw/gone",
+    "plain",
+    "opq-t",
+    "opq-x",
+    "opq-x/lower",
+    "opq-u",
+    "opq-f",
+    "opq-m",
+    "red-src",
+    "red-src/lower",
+    "red-dst",
+    "xw",
+    "xw/lower",
+    "xw/gone",
 }
 
 

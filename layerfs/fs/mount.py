@@ -102,9 +102,7 @@ def spawn_daemon(
         cmd.append("--debug")
     env = dict(os.environ)
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(layerfs.__file__)))
-    env["PYTHONPATH"] = pkg_root + (
-        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
-    )
+    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     rfd, wfd = os.pipe()
     try:
         cmd += ["--ready-fd", str(wfd)]

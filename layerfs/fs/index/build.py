@@ -8,9 +8,9 @@ a table of contents (zstd:chunked, eStargz) instead and feed the same :func:`enc
 (``overlay/<id>/layerfs.index``) is used only for a layer whose content is pinned by a recorded
 uncompressed diff digest, and only when its key matches exactly: format version, layer id,
 that digest, the ``diff/`` directory's device, inode, mtime and ctime, the identity (device,
-inode, size, mtime, ctime) of the layer's tar-split file, and the identity of its ``work/`` directory (a
-read-write kernel mount of the layer recreates ``work/work``, changing it). Every applydiff
-writes a new digest and a new tar-split file, and layerfs's own applydiff deletes the index.
+inode, size, mtime, ctime) of the layer's tar-split file, and the identity of its ``work/``
+directory (a read-write kernel mount of the layer recreates ``work/work``, changing it). Every
+applydiff writes a new digest and a new tar-split file; layerfs applydiff deletes the index.
 A layer without a digest (a container layer, an empty created layer) and any layer that is at
 this moment the upper directory of a kernel overlay mount is scanned live and its index never
 written or read.

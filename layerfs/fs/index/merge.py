@@ -140,9 +140,7 @@ class _Rules:
             return li.link(row)
         return None
 
-    def resolve_abs(
-        self, layer: int, comps: list[bytes]
-    ) -> tuple[str, int, list[bytes]]:
+    def resolve_abs(self, layer: int, comps: list[bytes]) -> tuple[str, int, list[bytes]]:
         """Look up an absolute redirect path in one layer from its root. Returns (kind, row,
         path for the lower layers): kind 'none' when absent there, 'stop' when a whiteout or
         non-directory on the way ends the search, 'entry' for the final component (row).
