@@ -34,6 +34,7 @@ from collections.abc import Iterator, Sequence
 import pyfuse3
 import trio
 
+from layerfs.errors import LayerfsError
 from layerfs.fs.index import LayerPin, open_index
 from layerfs.fs.ops import WORKER_TASKS, UnionOperations, describe_os_error
 
@@ -257,7 +258,7 @@ def serve(
         init_fuse(ops, mountpoint, mount_options(allow_other, for_container))
     except Exception as e:
         msg = failure_message(stage, mountpoint, e)
-        if isinstance(e, (MountSetupError, OSError)):
+        if isinstance(e, (MountSetupError, OSError, LayerfsError)):
             log.error("mount of %s failed: %s", mountpoint, msg)
         else:
             log.exception("mount of %s failed: %s", mountpoint, msg)
