@@ -164,11 +164,16 @@ def test_unreadable_layer_dir_is_named(world: Path) -> None:
     (world / "mnt").mkdir()
     os.chown(world / "mnt", 65534, 65534)
     result = _daemon(world / "mnt", [str(layer)], setup=_fuse_node(world, "666"), nobody=True)
-    assert _error(result) == f"cannot index the layers: cannot list {layer}/closed: Permission denied"
+    assert (
+        _error(result) == f"cannot index the layers: cannot list {layer}/closed: Permission denied"
+    )
 
 
 def test_missing_layer_dir_is_named(world: Path) -> None:
     (world / "mnt").mkdir()
     gone = world / "gone"
     result = _daemon(world / "mnt", [str(gone)])
-    assert _error(result) == f"cannot index the layers: cannot read layer {gone}: No such file or directory"
+    assert (
+        _error(result)
+        == f"cannot index the layers: cannot read layer {gone}: No such file or directory"
+    )
