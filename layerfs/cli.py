@@ -447,10 +447,10 @@ def _mount_foreground(store: Store, manager: Any, args: argparse.Namespace) -> i
 
     layer_id = manager.resolve(args.target)
     chain = store.chain(layer_id)
-    path = os.path.abspath(args.mountpoint or store.driver.merged_dir(layer_id))
-    manager._check_mountpoint(path, [store.driver.diff_dir(la.id) for la in chain])
+    path = os.path.abspath(args.mountpoint or store.merged_dir(layer_id))
+    manager._check_mountpoint(path, [store.diff_dir(la.id) for la in chain])
     manager._make_dir(path, created_parents=args.mountpoint is None)
-    argv = [path, *(store.driver.diff_dir(la.id) for la in chain), "--foreground"]
+    argv = [path, *(store.diff_dir(la.id) for la in chain), "--foreground"]
     for layer in chain:
         argv += ["--layer-id", layer.id]
     if args.allow_other:
@@ -524,9 +524,9 @@ def _open_view(store: Store, target: str) -> tuple[Any, list[str]]:
 
     layer_id = MountManager(store).resolve(target)
     chain = store.chain(layer_id)
-    diff_dirs = [store.driver.diff_dir(la.id) for la in chain]
+    diff_dirs = [store.diff_dir(la.id) for la in chain]
     index, _ = open_index(
-        diff_dirs, chain_pins(store, chain), whiteout_format=store.driver.whiteout_format()
+        diff_dirs, chain_pins(store, chain), whiteout_format=store.whiteout_format()
     )
     return index, [la.id for la in chain]
 

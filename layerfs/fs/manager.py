@@ -134,7 +134,7 @@ class MountManager:
     def _by_path(self, target: str) -> str | None:
         """The layer whose view (recorded by Go or by us) is at the path *target*."""
         path = normalize(target)
-        for record in self.store.mount_table.snapshot().values():
+        for record in self.store.mount_records().values():
             if normalize(record.path) == path:
                 return record.id
         for daemon in pending.daemon_records(self.store.runroot):
@@ -167,7 +167,7 @@ class MountManager:
         """The mount table for update, under ``layers.lock`` (shared) and ``mountpoints.lock``.
 
         Nothing that can block on a mount may run inside."""
-        with self.store.lock.read(), self.store.mount_table.update() as table:
+        with self.store.mount_counts() as table:
             yield table
 
     @contextlib.contextmanager
@@ -215,7 +215,7 @@ class MountManager:
 
     def _inspect(self, layer_id: str) -> _View:
         """The layer's records and their health. Caller holds the layer lock, no store lock."""
-        record = self.store.mount_table.snapshot().get(layer_id)
+        record = self.store.mount_records().get(layer_id)
         daemon = pending.read_daemon(self.store.runroot, layer_id)
         if daemon is not None and daemon.pid == 0:  # the mount command died before READY
             daemon.pid = fuse_mount.find_daemon_pid(daemon.path) or 0
@@ -297,16 +297,16 @@ class MountManager:
             if reused is not None:
                 return layer_id, reused[0], reused[1]
             chain = self.store.chain(layer_id)
-            diff_dirs = [self.store.driver.diff_dir(la.id) for la in chain]
+            diff_dirs = [self.store.diff_dir(la.id) for la in chain]
             default = (
                 os.path.join(self.views_dir, layer_id)
                 if private
-                else self.store.driver.merged_dir(layer_id)
+                else self.store.merged_dir(layer_id)
             )
             path = normalize(mountpoint or default)
             self._check_mountpoint(path, diff_dirs)
             self._make_dir(path, created_parents=mountpoint is None)
-            if path.startswith(self.store.driver.home + os.sep):
+            if path.startswith(self.store.overlay_home() + os.sep):
                 self._private_home()
             os.makedirs(self.logs_dir, mode=0o700, exist_ok=True)
             wanted.path, wanted.go_visible = path, not private
@@ -324,7 +324,7 @@ class MountManager:
                     [la.id for la in chain],
                     path,
                     pins=chain_pins(self.store, chain),
-                    whiteout_format=self.store.driver.whiteout_format(),
+                    whiteout_format=self.store.whiteout_format(),
                     log_path=os.path.join(self.logs_dir, f"{layer_id}.log"),
                     allow_other=allow_other,
                     for_container=for_container,
@@ -420,7 +420,7 @@ class MountManager:
     def _private_home(self) -> None:
         """Make ``<root>/overlay`` a private mount of itself before a view appears below it
         (see :func:`layerfs.fs.mount.make_private_mount`), under Go's graph lock."""
-        home = self.store.driver.home
+        home = self.store.overlay_home()
         if entry_at(home) is not None:
             return
         lock = LockFile(os.path.join(self.store.root, "storage.lock"))
@@ -535,7 +535,7 @@ class MountManager:
                 del table[layer_id]
         if view.daemon_state == "at-record":
             self._drop_daemon(layer_id)
-        if record.path == self.store.driver.merged_dir(layer_id):
+        if record.path == self.store.merged_dir(layer_id):
             with contextlib.suppress(OSError):
                 os.rmdir(record.path)  # as the overlay driver's Put does
         return layer_id, 0
@@ -564,7 +564,7 @@ class MountManager:
             layer_id = self.resolve(target)
         except LayerUnknownError:
             return
-        if layer_id not in self.store.mount_table.snapshot() and not os.path.exists(
+        if layer_id not in self.store.mount_records() and not os.path.exists(
             pending.daemon_file(self.store.runroot, layer_id)
         ):
             return
@@ -582,7 +582,7 @@ class MountManager:
     def ps(self) -> list[MountInfo]:
         """Every view (recorded, private, or ours whose record Go dropped), after repairing
         dead and stale ones. A daemon that does not answer is listed as ``hung``."""
-        ids = list(self.store.mount_table.snapshot())
+        ids = list(self.store.mount_records())
         ids += [d.layer_id for d in pending.daemon_records(self.store.runroot)]
         out = []
         for layer_id in dict.fromkeys(ids):

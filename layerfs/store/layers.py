@@ -837,6 +837,10 @@ class Store:
     # Where the overlay driver keeps a layer's files. These compute paths only; whoever
     # reads or changes what is there holds ``layers.lock`` (see reading_layer).
 
+    def overlay_home(self) -> str:
+        """``<root>/overlay``: the driver's home, holding every layer directory."""
+        return self.driver.home
+
     def layer_dir(self, layer_id: str) -> str:
         """``<root>/overlay/<id>``."""
         return self.driver.layer_dir(layer_id)

@@ -81,8 +81,8 @@ def chain_pins(store: Store, chain: Sequence[Layer]) -> list[LayerPin]:
         LayerPin(
             la.id,
             la.diff_digest,
-            store.files.tar_split(la.id),
-            os.path.join(store.driver.layer_dir(la.id), INDEX_FILE),
+            store.tar_split_path(la.id),
+            os.path.join(store.layer_dir(la.id), INDEX_FILE),
         )
         for la in chain
     ]
