@@ -243,7 +243,9 @@ def test_property_apply_export_reapply(tmp_path_factory: pytest.TempPathFactory,
     try:
         _apply(data, tmp / "a", tar_split_path=str(ts))
     except ArchiveError as exc:
-        assert "whiteout target" in str(exc)  # a whiteout and a file of the same name
+        # a whiteout and a file of the same name, or the same whiteout drawn twice (Go refuses
+        # duplicate paths too)
+        assert "whiteout target" in str(exc) or "duplicates of file paths" in str(exc)
         return
     assert _replay(tmp / "a", ts) == data
     out = io.BytesIO()
