@@ -170,6 +170,14 @@ class MountManager:
         with self.store.mount_counts() as table:
             yield table
 
+    def _drop_record_at(self, layer_id: str, path: str) -> None:
+        """Drop the layer's mount record if it still names *path* (another process may have
+        re-recorded the layer elsewhere meanwhile). Takes the count locks itself."""
+        with self._counts() as table:
+            now = table.get(layer_id)
+            if now is not None and now.path == path:
+                del table[layer_id]
+
     @contextlib.contextmanager
     def _layer_lock(self, layer_id: str) -> Iterator[None]:
         os.makedirs(self.locks_dir, mode=0o700, exist_ok=True)
@@ -253,10 +261,7 @@ class MountManager:
                 log.warning(
                     "count %d for layer %s is stale (not mounted); reset", record.count, layer_id
                 )
-            with self._counts() as table:
-                now = table.get(layer_id)
-                if now is not None and now.path == record.path:
-                    del table[layer_id]
+            self._drop_record_at(layer_id, record.path)
             if view.daemon_state == "at-record":
                 self._drop_daemon(layer_id)
                 view.daemon, view.daemon_state = None, "none"
@@ -529,10 +534,7 @@ class MountManager:
                 return layer_id, now.count
         pid = self._daemon_pid(layer_id, record.path)
         self._take_down(record.path, pid, view.record_state, force)
-        with self._counts() as table:
-            now = table.get(layer_id)
-            if now is not None and now.path == record.path:
-                del table[layer_id]
+        self._drop_record_at(layer_id, record.path)
         if view.daemon_state == "at-record":
             self._drop_daemon(layer_id)
         if record.path == self.store.merged_dir(layer_id):
