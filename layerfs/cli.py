@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
 
-from layerfs.errors import LayerfsError, LayerUnknownError
+from layerfs.errors import LayerfsError, LayerUnknownError, describe_os_error
 from layerfs.store.layers import Store
 from layerfs.store.record import Layer, go_json_dumps
 
@@ -807,8 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if args.debug:
             log.exception("failed")
-        where = f" {exc.filename}" if exc.filename else ""
-        _err(f"{exc.strerror or exc}{':' if where else ''}{where}")
+        _err(describe_os_error(exc))
         return 1
     except KeyboardInterrupt:
         return 130

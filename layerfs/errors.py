@@ -6,6 +6,17 @@ The CLI prints ``layerfs: <message>`` on one line and exits 1 for any :class:`La
 
 from __future__ import annotations
 
+import os
+
+
+def describe_os_error(e: OSError) -> str:
+    """``path: strerror`` of an OSError (just ``strerror`` without a path), the path decoded
+    (never ``b'...'``)."""
+    text = e.strerror or type(e).__name__
+    if e.filename is not None:
+        text = f"{os.fsdecode(e.filename)}: {text}"
+    return text
+
 
 class LayerfsError(Exception):
     """Base of every error layerfs raises on purpose."""

@@ -76,3 +76,13 @@ def test_layer_data_and_metadata_commands(cli: LayerfsCLI, tmp_path: os.PathLike
     assert cli.run("exists", "x", check=False).returncode == 1
     status = json.loads(cli.out("status", "--json"))
     assert status["Driver"] == "overlay" and status["Layers"] == "1"
+
+
+def test_os_errors_name_their_path_as_text() -> None:
+    from layerfs.errors import describe_os_error
+
+    err = OSError(13, "Permission denied", b"/store/diff/caf\xc3\xa9\xff")
+    text = describe_os_error(err)
+    assert text == "/store/diff/café" + os.fsdecode(b"\xff") + ": Permission denied"
+    assert "b'" not in text
+    assert describe_os_error(OSError(5, "Input/output error")) == "Input/output error"

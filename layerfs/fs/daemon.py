@@ -34,9 +34,9 @@ from collections.abc import Iterator, Sequence
 import pyfuse3
 import trio
 
-from layerfs.errors import LayerfsError
+from layerfs.errors import LayerfsError, describe_os_error
 from layerfs.fs.index import LayerPin, open_index
-from layerfs.fs.ops import WORKER_TASKS, UnionOperations, describe_os_error
+from layerfs.fs.ops import WORKER_TASKS, UnionOperations
 
 log = logging.getLogger("layerfs.fs.daemon")
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from layerfs.errors import describe_os_error
 from layerfs.fs.index import HIDDEN_XATTR_PREFIXES, UnionIndex
 
 log = logging.getLogger(__name__)
@@ -120,15 +121,6 @@ class _CachedOpener:
                 return None
             raise OSError(code, os.strerror(code), os.fsdecode(path))
         return None
-
-
-def describe_os_error(e: OSError) -> str:
-    """``path: strerror`` of an OSError (just ``strerror`` without a path), the path decoded
-    (never ``b'...'``)."""
-    text = e.strerror or type(e).__name__
-    if e.filename is not None:
-        text = f"{os.fsdecode(e.filename)}: {text}"
-    return text
 
 
 # -- one guard for every handler ------------------------------------------------------------
