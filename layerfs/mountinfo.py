@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 _OCTAL = re.compile(rb"\\([0-7]{3})")
+_BACKSLASHED = re.compile(r"\\(.)")
 
 
 def _unescape(field: bytes) -> str:
@@ -32,6 +33,8 @@ class MountEntry:
     major: int
     minor: int
     options: tuple[str, ...]
+    super_options: tuple[str, ...] = ()
+    """The file system's own options (after the source), each unescaped."""
 
 
 def entries() -> list[MountEntry]:
@@ -47,6 +50,8 @@ def entries() -> list[MountEntry]:
         except ValueError:
             continue  # not a line of the documented shape
         opts = os.fsdecode(fields[5]).split(",")
+        # split before unescaping: a comma inside a value (a path) is escaped as \054
+        supers = fields[sep + 3].split(b",") if len(fields) > sep + 3 else []
         out.append(
             MountEntry(
                 _unescape(fields[4]),
@@ -55,9 +60,24 @@ def entries() -> list[MountEntry]:
                 major,
                 minor,
                 tuple(opts),
+                tuple(_unescape(o) for o in supers),
             )
         )
     return out
+
+
+def overlay_upper_dirs() -> set[str]:
+    """The ``upperdir`` of every kernel overlay mount in this mount namespace: directories
+    that can change while they are mounted. The kernel shows the value as it was given, with
+    overlayfs's own backslash escapes (``\\,`` for a comma in a path): those are undone."""
+    prefix = "upperdir="
+    return {
+        _BACKSLASHED.sub(r"\1", o[len(prefix) :])
+        for e in entries()
+        if e.fstype == "overlay"
+        for o in e.super_options
+        if o.startswith(prefix)
+    }
 
 
 def mounts() -> list[tuple[str, str, str]]:

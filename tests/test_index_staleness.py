@@ -162,3 +162,25 @@ def test_layer_changed_while_go_mount_is_live(
         assert cli.out("cat", "child", "etc/sub/live") == "live\n"
     finally:
         go.run("unmount", base)
+
+
+def test_upper_dirs_with_commas_and_spaces_are_recognised(tmp_path: Path) -> None:
+    """mountinfo shows an upperdir with octal and overlayfs backslash escapes; the index must
+    see the real path, or a layer under a live kernel overlay is trusted from disk."""
+    import subprocess
+
+    from layerfs.mountinfo import overlay_upper_dirs
+
+    for name in ("lower", "up, per", "work", "mnt"):
+        (tmp_path / name).mkdir()
+    upper = str(tmp_path / "up, per")
+    opts = f"lowerdir={tmp_path}/lower,upperdir={upper.replace(',', chr(92) + ',')}"
+    opts += f",workdir={tmp_path}/work"
+    subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", opts, str(tmp_path / "mnt")], check=True
+    )
+    try:
+        assert upper in overlay_upper_dirs()
+    finally:
+        subprocess.run(["umount", str(tmp_path / "mnt")], check=True)
+    assert upper not in overlay_upper_dirs()

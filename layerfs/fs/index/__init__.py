@@ -22,6 +22,7 @@ from layerfs.fs.index.build import (
     LayerReadError,
     layer_index,
     scan_layer,
+    upper_dirs_in_use,
     walk_diff,
 )
 from layerfs.fs.index.format import Entry, IndexFormatError, LayerIndex
@@ -115,8 +116,9 @@ def open_index(
         raise ValueError(f"{len(pins)} layer pins for {len(dirs)} layers")
     loaded = []
     all_loaded = True
+    upper_dirs = upper_dirs_in_use() if any(pins) else set()  # one mountinfo read per mount
     for d, pin in zip(dirs, pins, strict=True):
-        li, was_loaded = layer_index(d, pin)
+        li, was_loaded = layer_index(d, pin, upper_dirs)
         loaded.append(li)
         all_loaded = all_loaded and was_loaded
     return merge(dirs, loaded, fmt), all_loaded

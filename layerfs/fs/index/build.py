@@ -37,6 +37,7 @@ from layerfs.fs.index.format import (
     read_file,
     write_file,
 )
+from layerfs.mountinfo import overlay_upper_dirs
 from layerfs.overlayfmt import (
     F_OTHER_DEV,
     F_REDIRECT,
@@ -188,36 +189,12 @@ def layer_key(diff_dir: str | bytes, pin: LayerPin | None) -> bytes:
     return json.dumps(parts, sort_keys=True).encode()
 
 
-def _upper_dirs_in_use() -> set[bytes]:
-    """Upper dirs of the kernel overlay mounts of this mount namespace (they can change)."""
-    out: set[bytes] = set()
+def upper_dirs_in_use() -> set[bytes]:
+    """Upper dirs of this mount namespace's kernel overlays, as absolute byte paths."""
     try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            lines = f.read().splitlines()
+        return {os.fsencode(p) for p in overlay_upper_dirs()}
     except OSError:
-        return out
-    for line in lines:
-        _head, sep, tail = line.partition(b" - ")
-        if not sep or not tail.startswith(b"overlay "):
-            continue
-        opts = tail.split(b" ")[-1]
-        for opt in opts.split(b","):
-            if opt.startswith(b"upperdir="):
-                out.add(_unescape(opt[len(b"upperdir=") :]))
-    return out
-
-
-def _unescape(s: bytes) -> bytes:
-    out = bytearray()
-    i = 0
-    while i < len(s):
-        if s[i] == 0x5C and i + 3 < len(s) + 0 and s[i + 1 : i + 4].isdigit():
-            out.append(int(s[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return bytes(out)
+        return set()
 
 
 def scan_layer(diff_dir: str | bytes) -> LayerIndex:
@@ -225,8 +202,13 @@ def scan_layer(diff_dir: str | bytes) -> LayerIndex:
     return decode(encode(walk_diff(diff_dir), b""), b"")
 
 
-def layer_index(diff_dir: str | bytes, pin: LayerPin | None) -> tuple[LayerIndex, bool]:
+def layer_index(
+    diff_dir: str | bytes, pin: LayerPin | None, upper_dirs: set[bytes] | None = None
+) -> tuple[LayerIndex, bool]:
     """The index of one layer: loaded from beside it when pinned and valid, else built.
+
+    *upper_dirs*: the upper dirs of the kernel overlays mounted now (a layer among them can
+    change under the index and is scanned live); read from mountinfo when not given.
 
     Returns (index, loaded). A pinned layer's rebuilt index is saved (best effort, atomic).
     An index file of an unpinned layer (for example left by an older layerfs) is removed,
@@ -235,7 +217,9 @@ def layer_index(diff_dir: str | bytes, pin: LayerPin | None) -> tuple[LayerIndex
     if pin is None or pin.index_path is None:
         return scan_layer(d), False
     path = os.fsencode(pin.index_path)
-    if not pin.digest or d in _upper_dirs_in_use():
+    if upper_dirs is None:
+        upper_dirs = upper_dirs_in_use()
+    if not pin.digest or d in upper_dirs:
         with contextlib.suppress(OSError):
             os.unlink(path)
         return scan_layer(d), False
