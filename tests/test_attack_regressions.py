@@ -1,0 +1,121 @@
+"""Failures found by a fresh-eyes attack on issue 9's change, each against the real Go tool,
+real FUSE mounts and the overlay oracle of the store's format."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import GoTool, LayerfsCLI, StorePaths, make_tar, require_root
+from fs_helpers import (
+    assert_same_tree,
+    fuse_overlayfs,
+    kernel_overlay,
+    require_fuse_overlayfs,
+    snapshot,
+)
+
+pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.interop]
+
+OLD = {"etc": None, "etc/sub": None, "etc/sub/file": b"old\n", "etc/keep": b"k"}
+MOUNT_PROGRAM = "overlay.mount_program=/usr/bin/fuse-overlayfs"
+
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    require_root()
+
+
+def _view(cli: LayerfsCLI, ref: str, mnt: Path) -> dict[str, dict[str, object]]:
+    """Snapshot of a fresh layerfs mount of *ref* at *mnt* (unmounted again)."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    cli.run("mount", ref, str(mnt))
+    try:
+        return snapshot(str(mnt))
+    finally:
+        cli.run("unmount", str(mnt))
+
+
+def _diff_dirs(paths: StorePaths, ref: str) -> list[str]:
+    store = paths.store()
+    return [store.driver.diff_dir(la.id) for la in store.chain(ref)]
+
+
+def _write_through(go: GoTool, layer: str, *opts: str, name: str) -> None:
+    """Mount *layer* read-write with the Go tool, change files deep below its root, unmount."""
+    mnt = go.out(*opts, "mount", layer).strip()
+    try:
+        Path(mnt, "etc/sub/file").write_bytes(b"written through the Go mount, longer\n")
+        Path(mnt, "etc/sub", name).write_bytes(b"added\n")
+    finally:
+        go.run(*opts, "unmount", layer)
+
+
+def test_mount_program_store_image_layer_written_through_go_mount(
+    cli: LayerfsCLI, go: GoTool, paths: StorePaths, tmp_path: Path
+) -> None:
+    """fuse-overlayfs creates ``work/work`` on the first read-write mount only: a later Go
+    mount that changes a digest-pinned layer changes nothing in the index key, and the
+    persisted index served the old tree."""
+    require_fuse_overlayfs()
+    layer = go.out("--storage-opt", MOUNT_PROGRAM, "create-layer").split()[0]
+    tar = tmp_path / "base.tar"
+    tar.write_bytes(make_tar(OLD))
+    go.run("--storage-opt", MOUNT_PROGRAM, "applydiff", "-f", str(tar), layer)
+    assert paths.store().whiteout_format() == "aufs"
+    _write_through(go, layer, "--storage-opt", MOUNT_PROGRAM, name="first")
+    _view(cli, layer, tmp_path / "warm")  # a pinned layer: its index may be persisted now
+    _write_through(go, layer, "--storage-opt", MOUNT_PROGRAM, name="second")
+    got = _view(cli, layer, tmp_path / "view")
+    with fuse_overlayfs(_diff_dirs(paths, layer), tmp_path / "oracle") as m:
+        want = snapshot(m)
+    assert "etc/sub/second" in want
+    assert_same_tree(got, want, ignore=("ino", "nlink"))
+    names = {e["name"] for e in json.loads(cli.out("ls", "--json", layer, "etc/sub"))}
+    assert "second" in names
+
+
+def test_image_layer_written_through_go_mount_with_relative_upperdir(
+    cli: LayerfsCLI, tmp_path: Path
+) -> None:
+    """With mount data over a page the Go tool mounts with relative paths
+    (``upperdir=<id>/diff``), so mountinfo never names the layer's absolute diff dir: a view
+    made while the Go mount was live persisted the index under the post-mount key, and the
+    writes that followed were never seen."""
+    long = tmp_path / ("r" * 200)
+    sp = StorePaths(str(long / "root"), str(tmp_path / "run"))
+    go, cli = GoTool(sp), LayerfsCLI(sp)
+    try:
+        top = ""
+        for _ in range(16):
+            top = go.out("create-layer", *([top] if top else [])).split()[0]
+        tar = tmp_path / "base.tar"
+        tar.write_bytes(make_tar(OLD))
+        go.run("applydiff", "-f", str(tar), top)
+        cli.run("create-layer", "--name", "child", top)
+        mnt = go.out("mount", top).strip()
+        try:
+            with open("/proc/self/mountinfo") as f:
+                assert f"upperdir={top}/diff," in f.read()  # relative, as described
+            _view(cli, "child", tmp_path / "during")
+            Path(mnt, "etc/sub/added").write_bytes(b"added\n")
+            Path(mnt, "etc/sub/file").write_bytes(b"written through the Go mount, longer\n")
+        finally:
+            go.run("unmount", top)
+        got = _view(cli, "child", tmp_path / "view")
+        short = tmp_path / "o"  # the chain's own paths are too long for one mount's options
+        short.mkdir()
+        links = []
+        for i, d in enumerate(_diff_dirs(sp, "child")):
+            os.symlink(d, short / str(i))
+            links.append(str(short / str(i)))
+        with kernel_overlay(links, tmp_path / "oracle") as m:
+            want = snapshot(m)
+        assert "etc/sub/added" in want
+        assert_same_tree(got, want, ignore=("ino",))
+        assert cli.out("cat", "child", "etc/sub/added") == "added\n"
+    finally:
+        go.shutdown()
