@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import GoTool, LayerfsCLI, StorePaths, make_tar, require_root
+from conftest import GoTool, LayerfsCLI, StorePaths, make_tar, require_root, wait_until
 from fs_helpers import (
     assert_same_tree,
     fuse_overlayfs,
@@ -17,6 +18,7 @@ from fs_helpers import (
     require_fuse_overlayfs,
     snapshot,
 )
+from layerfs.store import pending
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.interop]
 
@@ -119,3 +121,30 @@ def test_image_layer_written_through_go_mount_with_relative_upperdir(
         assert cli.out("cat", "child", "etc/sub/added") == "added\n"
     finally:
         go.shutdown()
+
+
+def _daemon_file(paths: StorePaths, layer: str) -> Path:
+    return Path(pending.daemon_file(paths.runroot, layer))
+
+
+def test_unmount_never_signals_a_process_the_daemon_record_names_wrongly(
+    cli: LayerfsCLI, paths: StorePaths
+) -> None:
+    """A daemon record whose pid is not the view's daemon (a reused pid, a hostile record):
+    unmount waited for that process and then sent it SIGTERM."""
+    cli.run("import-layer", "--name", "base", input=make_tar(OLD))
+    layer = paths.store().get("base").id
+    cli.run("mount", layer)
+    record = json.loads(_daemon_file(paths, layer).read_text())
+    daemon = record["pid"]
+    victim = subprocess.Popen(["sleep", "600"])
+    try:
+        record["pid"] = victim.pid
+        _daemon_file(paths, layer).write_text(json.dumps(record))
+        cli.run("unmount", layer, timeout=60)
+        wait_until(lambda: not pending.pid_alive(daemon), what="the real daemon exits")
+        assert victim.poll() is None, "unmount signalled a process that is not the daemon"
+        assert cli.out("mounted", layer).strip() == "0"
+    finally:
+        victim.kill()
+        victim.wait()
