@@ -148,3 +148,31 @@ def test_unmount_never_signals_a_process_the_daemon_record_names_wrongly(
     finally:
         victim.kill()
         victim.wait()
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"pid": 5, "path": "/x", "started": "soon"},
+        {"pid": 5, "path": "/x", "started": [1]},
+        {"pid": 5, "path": "/x\u0000y"},
+        {"pid": True, "path": "/x"},
+        {"pid": 5, "path": "/x", "count": True, "go_visible": "no"},
+    ],
+    ids=["started-text", "started-list", "nul-path", "bool-pid", "bool-count"],
+)
+def test_hostile_daemon_record_is_ignored(
+    cli: LayerfsCLI, paths: StorePaths, record: dict[str, object]
+) -> None:
+    """A damaged daemon record gave a traceback in every view command."""
+    cli.run("import-layer", "--name", "base", input=make_tar(OLD))
+    layer = paths.store().get("base").id
+    f = _daemon_file(paths, layer)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(record))
+    for args in (("ps",), ("mounted", layer), ("unmount", layer)):
+        proc = cli.run(*args, check=False, timeout=30)
+        err = proc.stderr.decode()
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err and "Error:" not in err, err
+    assert pending.read_daemon(paths.runroot, layer) is None
