@@ -176,3 +176,22 @@ def test_hostile_daemon_record_is_ignored(
         assert proc.returncode == 0, err
         assert "Traceback" not in err and "Error:" not in err, err
     assert pending.read_daemon(paths.runroot, layer) is None
+
+
+def test_fifo_index_file_does_not_hang(cli: LayerfsCLI, paths: StorePaths) -> None:
+    """A FIFO planted as a pinned layer's ``layerfs.index``: opening it blocked ``cat``, ``ls``
+    and the daemon (``mount``) until a writer came."""
+    cli.run("import-layer", "--name", "base", input=make_tar(OLD))
+    store = paths.store()
+    layer = store.get("base").id
+    index = Path(store.layer_dir(layer)) / "layerfs.index"
+    index.unlink(missing_ok=True)
+    os.mkfifo(index)
+    cat = cli.run("cat", layer, "etc/sub/file", timeout=30)  # a hang is a TimeoutExpired
+    assert cat.stdout == b"old\n"
+    assert not index.exists() or index.is_file()
+    out = cli.run("mount", layer, timeout=60).stdout.decode().strip()
+    try:
+        assert Path(out, "etc/sub/file").read_bytes() == b"old\n"
+    finally:
+        cli.run("unmount", layer)
