@@ -3,6 +3,7 @@ real FUSE mounts and the overlay oracle of the store's format."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -18,6 +19,9 @@ from fs_helpers import (
     require_fuse_overlayfs,
     snapshot,
 )
+from layerfs.fs.index import chain_pins, walk_diff
+from layerfs.fs.index.build import layer_key
+from layerfs.fs.index.format import encode, write_file
 from layerfs.store import pending
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.interop]
@@ -195,3 +199,65 @@ def test_fifo_index_file_does_not_hang(cli: LayerfsCLI, paths: StorePaths) -> No
         assert Path(out, "etc/sub/file").read_bytes() == b"old\n"
     finally:
         cli.run("unmount", layer)
+
+
+def _layer_with_secret_outside(
+    cli: LayerfsCLI, paths: StorePaths, tmp_path: Path
+) -> tuple[str, Path, Path]:
+    """A layer with ``etc/shadow`` and, outside the store, a root-only file of the same name."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "shadow").write_bytes(SECRET)
+    (secret / "shadow").chmod(0o600)
+    cli.run("import-layer", "--name", "base", input=make_tar(SHADOW))
+    layer = paths.store().get("base").id
+    return layer, Path(paths.store().driver.diff_dir(layer)), secret
+
+
+SECRET = b"HOST SECRET\n"
+SHADOW = {"etc": None, "etc/shadow": b"layer data\n"}
+
+
+def _swap_for_symlink(diff: Path, secret: Path) -> None:
+    """What someone who can write the store does: the indexed dir becomes a symlink."""
+    os.rename(diff / "etc", diff / "etc.old")
+    os.symlink(secret, diff / "etc")
+
+
+def test_view_never_follows_a_symlink_that_replaced_a_layer_dir(
+    cli: LayerfsCLI, paths: StorePaths, tmp_path: Path
+) -> None:
+    """The daemon opened backing files by absolute path: a layer dir replaced by a symlink
+    after the view was made had it serve a root-only file from outside the layer, under the
+    0644 mode the index recorded (kernel overlayfs never follows a symlink in a lower path)."""
+    layer, diff, secret = _layer_with_secret_outside(cli, paths, tmp_path)
+    mnt = cli.out("mount", layer).strip()
+    try:
+        _swap_for_symlink(diff, secret)
+        try:
+            data = Path(mnt, "etc/shadow").read_bytes()
+        except OSError as e:
+            assert e.errno == errno.ELOOP, e
+        else:
+            assert data == SHADOW["etc/shadow"], "served a file from outside the layer"
+    finally:
+        cli.run("unmount", layer)
+
+
+def test_cat_never_follows_a_symlink_that_replaced_a_layer_dir(
+    cli: LayerfsCLI, paths: StorePaths, tmp_path: Path
+) -> None:
+    """``layerfs cat`` opened the backing path with a plain open(): an index whose entries
+    predate the swap (here a persisted one written for the current key, as a store writer can)
+    made it print a file from outside the layer."""
+    layer, diff, secret = _layer_with_secret_outside(cli, paths, tmp_path)
+    entries = list(walk_diff(str(diff)))
+    _swap_for_symlink(diff, secret)
+    store = paths.store()
+    pin = chain_pins(store, store.chain(layer))[0]
+    assert pin.index_path is not None
+    write_file(pin.index_path, encode(entries, layer_key(os.fsencode(diff), pin)))
+    proc = cli.run("cat", layer, "etc/shadow", check=False, timeout=30)
+    assert SECRET not in proc.stdout
+    assert proc.returncode == 1, proc.stdout
+    assert proc.stderr.decode().count("\n") == 1 and "symbolic links" in proc.stderr.decode()
