@@ -261,3 +261,29 @@ def test_cat_never_follows_a_symlink_that_replaced_a_layer_dir(
     assert SECRET not in proc.stdout
     assert proc.returncode == 1, proc.stdout
     assert proc.stderr.decode().count("\n") == 1 and "symbolic links" in proc.stderr.decode()
+
+
+@pytest.mark.parametrize("kind", ["non-utf8", "fifo", "directory"])
+def test_damaged_mount_program_marker(
+    cli: LayerfsCLI, paths: StorePaths, tmp_path: Path, kind: str
+) -> None:
+    """``overlay/.has-mount-program`` with non-UTF-8 bytes gave a UnicodeDecodeError traceback
+    in every view command; a FIFO there blocked them. Anything but ``true`` is the kernel form
+    (the store's root default), and the marker is never waited on."""
+    cli.run("import-layer", "--name", "base", input=make_tar(OLD))
+    layer = paths.store().get("base").id
+    marker = Path(paths.root, "overlay", ".has-mount-program")
+    marker.unlink()
+    if kind == "non-utf8":
+        marker.write_bytes(b"garbage\n\x00\xff")
+    elif kind == "fifo":
+        os.mkfifo(marker)
+    else:
+        marker.mkdir()
+    assert cli.run("cat", layer, "etc/sub/file", timeout=30).stdout == b"old\n"  # no hang
+    assert paths.store().whiteout_format() == "kernel"
+    mnt = cli.run("mount", layer, timeout=60).stdout.decode().strip()
+    try:
+        assert Path(mnt, "etc/keep").read_bytes() == b"k"
+    finally:
+        cli.run("unmount", layer, timeout=30)
