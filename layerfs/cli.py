@@ -632,6 +632,7 @@ def _ls(store: Store, args: argparse.Namespace) -> int:
 def _cat(store: Store, args: argparse.Namespace) -> int:
     import stat as st
 
+    from layerfs.fs.backing import BackingOpener
     from layerfs.fs.viewpath import resolve
 
     index, _ = _open_view(store, args.target)
@@ -639,7 +640,10 @@ def _cat(store: Store, args: argparse.Namespace) -> int:
     if not st.S_ISREG(index.attr(ino).mode):
         raise LayerfsError(f"{args.path}: not a regular file")
     sys.stdout.flush()
-    with open(index.backing_path(ino), "rb") as f:
+    layer, rel = index.backing_in_layer(ino)
+    fd = BackingOpener(index.diff_dirs).open(layer, rel)  # never a symlink on the way
+    assert fd is not None
+    with open(fd, "rb") as f:
         while chunk := f.read(1 << 20):
             sys.stdout.buffer.write(chunk)
     sys.stdout.buffer.flush()

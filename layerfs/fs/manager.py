@@ -491,7 +491,13 @@ class MountManager:
             return layer_id, 0
 
     def _take_down(self, path: str, pid: int | None, state: str, force: bool) -> None:
-        """Unmount a view at zero users. Caller holds the layer lock and no store lock."""
+        """Unmount a view at zero users. Caller holds the layer lock and no store lock.
+
+        *pid* comes from a record that may be stale or hostile: it is waited for or signalled
+        only if it is the layerfs daemon serving *path* (else the daemon is looked up)."""
+        if pid is not None and not pending.is_layerfs_daemon(pid, path):
+            log.warning("pid %d is not the daemon of the view at %s; not signalling it", pid, path)
+            pid = fuse_mount.find_daemon_pid(path)
         if state == "hung":
             if not force:
                 raise self._hung(pid, path)

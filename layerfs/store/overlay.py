@@ -75,12 +75,26 @@ class OverlayLayout:
                     os.unlink(tmp)
 
     def whiteout_format(self) -> Literal["kernel", "aufs"]:
-        """The whiteout form this store's layers use (see :meth:`ensure_home`)."""
+        """The whiteout form this store's layers use (see :meth:`ensure_home`).
+
+        Only the exact text ``true`` means a mount program; any other content (garbage,
+        non-UTF-8 bytes) is the kernel form. A marker that is not a regular file (a FIFO, a
+        directory) or cannot be read counts as missing; it is never waited on."""
+        uses_program = os.geteuid() != 0
         try:
-            with open(os.path.join(self.home, MOUNT_PROGRAM_MARKER)) as f:
-                uses_program = f.read().strip() == "true"
-        except FileNotFoundError:
-            uses_program = os.geteuid() != 0
+            fd = os.open(
+                os.path.join(self.home, MOUNT_PROGRAM_MARKER),
+                os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC,
+            )
+        except OSError:
+            return "aufs" if uses_program else "kernel"
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                uses_program = os.read(fd, 64).strip() == b"true"
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
         return "aufs" if uses_program else "kernel"
 
     def layer_dir(self, layer_id: str) -> str:

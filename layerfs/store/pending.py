@@ -23,9 +23,11 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from layerfs.store.jsonfile import atomic_write
 
@@ -94,28 +96,50 @@ class DaemonRecord:
 
 
 def read_daemon(runroot: str, layer_id: str) -> DaemonRecord | None:
-    """The daemon record of a layer, or None (missing or unreadable)."""
+    """The daemon record of a layer, or None (missing, unreadable, or with a field of the
+    wrong type or out of range: such a record is never acted on)."""
     try:
         with open(daemon_file(runroot, layer_id), "rb") as f:
             raw = json.loads(f.read())
     except (OSError, ValueError):
         return None
-    if not isinstance(raw, dict) or not isinstance(raw.get("pid"), int):
+    if not isinstance(raw, dict):
         return None
-    path = raw.get("path")
-    if not isinstance(path, str):
-        return None
-    count = raw.get("count", 1)
+    pid, path, count = raw.get("pid"), raw.get("path"), raw.get("count", 1)
+    started = raw.get("started", 0)
+    flags = [raw.get(k, k == "go_visible") for k in ("for_container", "allow_other", "go_visible")]
+    if (
+        not _is_int(pid)
+        or not 0 <= pid <= _PID_MAX
+        or not isinstance(path, str)
+        or not os.path.isabs(path)
+        or "\0" in path
+        or not _is_int(count)
+        or count < 1
+        or not (
+            (_is_int(started) and abs(started) < 1 << 53)
+            or (isinstance(started, float) and math.isfinite(started))
+        )
+        or not all(isinstance(f, bool) for f in flags)
+    ):
+        return None  # damaged or foreign: never acted on
     return DaemonRecord(
         layer_id,
-        raw["pid"],
+        pid,
         path,
-        for_container=bool(raw.get("for_container", False)),
-        allow_other=bool(raw.get("allow_other", False)),
-        go_visible=bool(raw.get("go_visible", True)),
-        count=count if isinstance(count, int) and count > 0 else 1,
-        started=float(raw.get("started", 0) or 0),
+        for_container=flags[0],
+        allow_other=flags[1],
+        go_visible=flags[2],
+        count=count,
+        started=float(started),
     )
+
+
+_PID_MAX = 1 << 22  # the kernel's largest pid_max (PID_MAX_LIMIT on 64-bit)
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def write_daemon(runroot: str, record: DaemonRecord) -> None:

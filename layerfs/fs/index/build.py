@@ -11,9 +11,14 @@ that digest, the ``diff/`` directory's device, inode, mtime and ctime, the ident
 inode, size, mtime, ctime) of the layer's tar-split file, and the identity of its ``work/``
 directory (a read-write kernel mount of the layer recreates ``work/work``, changing it). Every
 applydiff writes a new digest and a new tar-split file; layerfs applydiff deletes the index.
-A layer without a digest (a container layer, an empty created layer) and any layer that is at
-this moment the upper directory of a kernel overlay mount is scanned live and its index never
-written or read.
+A layer without a digest (a container layer, an empty created layer), any layer that is at
+this moment the upper directory of a kernel overlay mount, and any layer whose ``work/`` is not
+empty is scanned live and its index never written or read. A read-write mount of the layer
+(kernel overlay or fuse-overlayfs, whoever made it and in whatever mount namespace, with
+absolute or relative ``upperdir``) leaves ``work/work`` behind, and such a mount can change any
+file below ``diff/`` without touching the key: fuse-overlayfs creates ``work/work`` only once,
+and a mount that was live while the key was taken changes nothing afterwards. A layer never
+mounted read-write has an empty ``work/`` (or none).
 """
 
 from __future__ import annotations
@@ -189,6 +194,18 @@ def layer_key(diff_dir: str | bytes, pin: LayerPin | None) -> bytes:
     return json.dumps(parts, sort_keys=True).encode()
 
 
+def _mounted_read_write(diff_dir: bytes) -> bool:
+    """True if the layer's ``work/`` has any entry (it has been the upper directory of a
+    read-write mount) or cannot be listed; False if it is empty or absent."""
+    try:
+        with os.scandir(os.path.join(os.path.dirname(diff_dir), b"work")) as it:
+            return next(it, None) is not None
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
 def upper_dirs_in_use() -> set[bytes]:
     """Upper dirs of this mount namespace's kernel overlays, as absolute byte paths."""
     try:
@@ -219,7 +236,7 @@ def layer_index(
     path = os.fsencode(pin.index_path)
     if upper_dirs is None:
         upper_dirs = upper_dirs_in_use()
-    if not pin.digest or d in upper_dirs:
+    if not pin.digest or _mounted_read_write(d) or d in upper_dirs:
         with contextlib.suppress(OSError):
             os.unlink(path)
         return scan_layer(d), False

@@ -430,7 +430,8 @@ def _check(
 def read_file(path: str | bytes, key: bytes) -> LayerIndex:
     """Map and decode the index file at *path*. OSError if it cannot be read,
     IndexFormatError if it is not a valid index for *key*."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    # O_NONBLOCK: a FIFO (or device) planted as the index must not block the open
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -463,18 +463,24 @@ class UnionIndex:
             row = self.parent[row]
         return b"/".join(reversed(parts))
 
-    def backing_path(self, ino: int) -> bytes:
-        """Absolute path of the file that supplies *ino* (the topmost dir for a merged dir):
-        its path inside its own layer, which differs from the view path below a redirect."""
+    def backing_in_layer(self, ino: int) -> tuple[int, bytes]:
+        """(chain index of the layer, path relative to its diff dir, ``b""`` for the root) of
+        the file that supplies *ino* (the topmost dir for a merged dir): its path inside its
+        own layer, which differs from the view path below a redirect."""
         row = self._row(ino)
-        la = self.layer[row]
-        li = self.layers[la]
+        li = self.layers[self.layer[row]]
         r = self.lrow[row]
         parts = []
         while r != 0:
             parts.append(li.name(r))
             r = li.parent[r]
-        rel = b"/".join(reversed(parts))
+        return self.layer[row], b"/".join(reversed(parts))
+
+    def backing_path(self, ino: int) -> bytes:
+        """Absolute path of the file that supplies *ino* (see :meth:`backing_in_layer`). For
+        messages and tests: open backing files with :mod:`layerfs.fs.backing`, which never
+        follows a symlink that appeared in the layer since it was indexed."""
+        la, rel = self.backing_in_layer(ino)
         base = self.diff_dirs[la]
         return base + b"/" + rel if rel else base
 
