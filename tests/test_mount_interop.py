@@ -118,6 +118,9 @@ def test_a_hidden_view_is_not_reported_unmounted(
     layer_dir = os.path.dirname(path)
     subprocess.run(["mount", "--bind", layer_dir, layer_dir], check=True)  # hides merged/
     try:
+        assert [(v["mountpoint"], v["state"]) for v in ps(cli)] == [(path, "hidden")]
+        err = one_line_error(cli.run("mount", "top", check=False))
+        assert "hidden" in err  # never hands out a path that shows another file system
         err = one_line_error(cli.run("unmount", "top", check=False))
         assert "hidden" in err
         assert fuse_mounts_below(path) == [path]

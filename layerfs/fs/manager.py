@@ -76,7 +76,7 @@ class MountInfo:
     path: str
     count: int
     pid: int | None
-    state: str  # "live", "private", "untracked" (Go dropped its record) or "hung"
+    state: str  # "live", "private", "untracked" (Go dropped its record), "hung", "hidden"
 
 
 @dataclass
@@ -219,7 +219,7 @@ class MountManager:
                 return "hung"
         if not entry.fstype.startswith("fuse"):
             return "live"  # a kernel overlay made by Go: nothing to probe
-        return fuse_mount.probe(path)
+        return fuse_mount.probe(path, dev=os.makedev(entry.major, entry.minor))
 
     def _inspect(self, layer_id: str) -> _View:
         """The layer's records and their health. Caller holds the layer lock, no store lock."""
@@ -378,6 +378,12 @@ class MountManager:
             raise self._hung(daemon.pid, daemon.path)
         if record is not None and view.record_state == "hung":
             raise self._hung(self._daemon_pid(layer_id, record.path), record.path)
+        for state, where in ((view.record_state, record), (view.daemon_state, daemon)):
+            if state == "hidden" and where is not None:
+                raise MountError(
+                    f"the view of layer {layer_id} at {where.path} is hidden by another mount "
+                    "over a parent directory; unmount that one first"
+                )
         live = daemon if view.daemon_state in ("live", "at-record") else None
         if live is not None and not live.go_visible:  # our private view
             same_place(live.path)
@@ -477,7 +483,7 @@ class MountManager:
             view = self._repair(layer_id)
             daemon, record = view.daemon, view.record
             want_path = normalize(target) if by_path else None
-            untracked = daemon is not None and view.daemon_state in ("live", "hung")
+            untracked = daemon is not None and view.daemon_state in ("live", "hung", "hidden")
             if (
                 untracked
                 and daemon is not None
@@ -603,15 +609,13 @@ class MountManager:
             record, daemon = view.record, view.daemon
             if record is not None:
                 pid = self._daemon_pid(layer_id, record.path)
-                state = "hung" if view.record_state == "hung" else "live"
+                state = view.record_state if view.record_state in ("hung", "hidden") else "live"
                 out.append(MountInfo(layer_id, names, record.path, record.count, pid, state))
-            if daemon is not None and view.daemon_state in ("live", "hung"):
-                if daemon.go_visible:
-                    state = "hung" if view.daemon_state == "hung" else "untracked"
-                    count = 0
-                else:
-                    state = "hung" if view.daemon_state == "hung" else "private"
-                    count = daemon.count
+            if daemon is not None and view.daemon_state in ("live", "hung", "hidden"):
+                count = 0 if daemon.go_visible else daemon.count
+                state = view.daemon_state
+                if state == "live":
+                    state = "untracked" if daemon.go_visible else "private"
                 out.append(MountInfo(layer_id, names, daemon.path, count, daemon.pid, state))
         for info in out:
             if info.state == "hung":

@@ -184,14 +184,16 @@ def is_dead_fuse_mount(path: str) -> bool:
 PROBE_TIMEOUT = 2.0
 
 
-def probe(path: str, timeout: float = PROBE_TIMEOUT) -> str:
+def probe(path: str, timeout: float = PROBE_TIMEOUT, dev: int | None = None) -> str:
     """Ask the file system mounted at *path* for its statfs, with a deadline.
 
-    Returns ``"live"`` (it answered), ``"dead"`` (ENOTCONN: its daemon is gone) or
-    ``"hung"`` (no answer within *timeout* seconds: a stopped or stuck daemon). statfs,
-    not stat: the view's attributes are cached by the kernel for a very long time, so a
+    Returns ``"live"`` (it answered), ``"dead"`` (ENOTCONN: its daemon is gone), ``"hung"``
+    (no answer within *timeout* seconds: a stopped or stuck daemon) or, given the device
+    *dev* mountinfo lists for *path*, ``"hidden"`` when the path leads to another file system
+    (a later mount over a parent directory covers the view). statfs, not stat, decides
+    liveness: the view's attributes are cached by the kernel for a very long time, so a
     plain stat of a dead mount's root can still succeed; statfs always reaches the daemon.
-    The call runs in a daemon thread, so a hung mount cannot hold this process; the thread
+    The calls run in a daemon thread, so a hung mount cannot hold this process; the thread
     ends with the request (or with the process). Callers must not hold a store lock.
     """
     result: list[str] = []
@@ -199,9 +201,11 @@ def probe(path: str, timeout: float = PROBE_TIMEOUT) -> str:
     def run() -> None:
         try:
             os.statvfs(path)
-            result.append("live")
+            st = os.stat(path) if dev is not None else None
         except OSError as e:
             result.append("dead" if e.errno == errno.ENOTCONN else "live")
+            return
+        result.append("hidden" if st is not None and st.st_dev != dev else "live")
 
     thread = threading.Thread(target=run, name=f"probe {path}", daemon=True)
     thread.start()
