@@ -18,8 +18,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from conftest import LayerfsCLI, StorePaths, wait_until
 from conftest import require as require  # skip here, fail under CI=true
-from conftest import wait_until
 from layerfs.fs.index import UnionIndex
 from layerfs.fs.mount import daemon_pid_alive, detach, is_mountpoint, spawn_daemon, unmount
 
@@ -606,3 +606,19 @@ def build_random_layer(root: Path, ops: list[tuple[list[str], str]], n: int) -> 
         except (NotADirectoryError, FileExistsError):
             continue
     return str(lay.finish())
+
+
+def store_chain_dirs(paths: StorePaths, ref: str) -> list[str]:
+    """The diff dirs of *ref*'s chain in the test store, top first."""
+    store = paths.store()
+    return [store.diff_dir(la.id) for la in store.chain(ref)]
+
+
+def layerfs_view(cli: LayerfsCLI, ref: str, mnt: Path) -> dict[str, dict[str, object]]:
+    """Snapshot of a fresh layerfs mount of *ref* at *mnt* (unmounted again)."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    cli.run("mount", ref, str(mnt))
+    try:
+        return snapshot(str(mnt))
+    finally:
+        cli.run("unmount", str(mnt))

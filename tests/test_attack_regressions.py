@@ -19,6 +19,8 @@ from fs_helpers import (
     require_fuse_overlayfs,
     snapshot,
 )
+from fs_helpers import layerfs_view as _view
+from fs_helpers import store_chain_dirs as _diff_dirs
 from layerfs.fs.index import chain_pins, walk_diff
 from layerfs.fs.index.build import layer_key
 from layerfs.fs.index.format import encode, write_file
@@ -33,21 +35,6 @@ MOUNT_PROGRAM = "overlay.mount_program=/usr/bin/fuse-overlayfs"
 @pytest.fixture(autouse=True)
 def _root() -> None:
     require_root()
-
-
-def _view(cli: LayerfsCLI, ref: str, mnt: Path) -> dict[str, dict[str, object]]:
-    """Snapshot of a fresh layerfs mount of *ref* at *mnt* (unmounted again)."""
-    mnt.mkdir(parents=True, exist_ok=True)
-    cli.run("mount", ref, str(mnt))
-    try:
-        return snapshot(str(mnt))
-    finally:
-        cli.run("unmount", str(mnt))
-
-
-def _diff_dirs(paths: StorePaths, ref: str) -> list[str]:
-    store = paths.store()
-    return [store.driver.diff_dir(la.id) for la in store.chain(ref)]
 
 
 def _write_through(go: GoTool, layer: str, *opts: str, name: str) -> None:

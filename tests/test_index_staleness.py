@@ -13,6 +13,8 @@ import pytest
 
 from conftest import GoTool, LayerfsCLI, StorePaths, make_tar, require_root
 from fs_helpers import assert_same_tree, kernel_overlay, snapshot
+from fs_helpers import layerfs_view as _view
+from fs_helpers import store_chain_dirs as _chain_dirs
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.interop]
 
@@ -23,21 +25,6 @@ NEW = {"etc/sub/file": b"a much longer new content\n", "etc/sub/new": b"new\n"}
 @pytest.fixture(autouse=True)
 def _root() -> None:
     require_root()
-
-
-def _chain_dirs(paths: StorePaths, ref: str) -> list[str]:
-    store = paths.store()
-    return [store.driver.diff_dir(la.id) for la in store.chain(ref)]
-
-
-def _view(cli: LayerfsCLI, ref: str, mnt: Path) -> dict[str, dict[str, object]]:
-    """Snapshot of a fresh layerfs mount of *ref* at *mnt* (unmounted again)."""
-    mnt.mkdir(parents=True, exist_ok=True)
-    cli.run("mount", ref, str(mnt))
-    try:
-        return snapshot(str(mnt))
-    finally:
-        cli.run("unmount", str(mnt))
 
 
 def _oracle(paths: StorePaths, ref: str, mnt: Path) -> dict[str, dict[str, object]]:
