@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -77,12 +78,12 @@ def log(msg: str) -> None:
     print(f"[bench-writes] {msg}", file=sys.stderr, flush=True)
 
 
-def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+def sh(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
 
 def must(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
-    r = run(cmd, **kw)
+    r = sh(cmd, **kw)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()[-400:]}")
     return r
@@ -187,9 +188,9 @@ class Bench:
         if self.mounted is None:
             return
         pids = self._daemon_pids()
-        r = run(["umount", self.mnt])
+        r = sh(["umount", self.mnt])
         if r.returncode != 0:
-            run(["umount", "-l", self.mnt])
+            sh(["umount", "-l", self.mnt])
         for pid in pids:  # the next mount must not race the last daemon's exit
             for _ in range(1000):
                 if not os.path.exists(f"/proc/{pid}"):
@@ -312,6 +313,27 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--layerfs", default=default_prog if os.path.exists(default_prog) else None)
     ap.add_argument("--json", metavar="FILE")
     return ap.parse_args(argv)
+
+
+def run(
+    workdir: str, quick: bool = False, log: Callable[[str], None] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Run the writable workloads from ``scripts/bench.py`` (its work dir, a ``writes/`` dir
+    beside its chains); returns the report text and the summary. ``quick``: 2,000 files,
+    64 MiB, one repeat."""
+    argv = ["--workdir", os.path.join(workdir, "writes")]
+    if quick:
+        argv += ["--files", "2000", "--big-mib", "64", "--repeat", "1"]
+    args = parse(argv)
+    bench = Bench(args)
+    if log is not None:
+        log(f"writable workloads in {args.workdir} ({args.files} files, {args.big_mib} MiB)")
+    try:
+        bench.run()
+    finally:
+        bench.cleanup()
+    summary = summarize(bench.results)
+    return report(summary), summary
 
 
 def main(argv: list[str] | None = None) -> int:
