@@ -29,7 +29,7 @@ from conftest import require
 UMT_RUN = "/work/shared/tools/umt-run"
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 
-DEFAULT = """open-plain open-trunc open-creat open-creat-trunc open-creat-excl
+_DEFAULT_LIST = """open-plain open-trunc open-creat open-creat-trunc open-creat-excl
 open-creat-excl-trunc noent-plain noent-trunc noent-creat noent-creat-trunc noent-creat-excl
 noent-creat-excl-trunc sym1-plain sym1-trunc sym1-creat sym1-creat-excl sym2-plain sym2-trunc
 sym2-creat sym2-creat-excl symx-plain symx-trunc symx-creat symx-creat-excl symx-creat-trunc
@@ -37,7 +37,8 @@ truncate dir-open dir-weird-open dir-open-dir dir-sym1-open dir-sym1-weird-open 
 dir-sym2-weird-open readlink mkdir rmdir rmtree rmtree-new hard-link hard-link-dir
 hard-link-sym unlink rename-file rename-hard-link rename-new-dir rename-new-pop-dir rename-mass
 rename-mass-2 rename-mass-3 rename-mass-4 rename-mass-5 rename-mass-dir rename-mass-sym
-impermissible""".split()
+impermissible"""
+DEFAULT = _DEFAULT_LIST.split()
 DIR_RENAMES = ["rename-dir", "rename-empty-dir", "rename-pop-dir", "rename-move-dir"]
 VERIFY_DIFFERS = {"rename-dir", "rename-pop-dir", "rename-move-dir"}
 OV3_DIFFERS = {"rename-exdev"}
