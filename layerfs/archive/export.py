@@ -165,8 +165,8 @@ def _export_xattrs(path: bytes) -> dict[str, str]:
     except OSError:
         return out
     for key in sorted(keys):
-        if key.startswith(("trusted.overlay.", "user.overlay.")):
-            continue
+        if key.startswith(("trusted.overlay.", "user.overlay.", "trusted.layerfs.")):
+            continue  # (trusted.layerfs.*: a read-write view's bookkeeping, e.g. origin inodes)
         if not (key == "security.capability" or key.startswith(("user.", "trusted."))):
             continue
         try:
