@@ -1,0 +1,85 @@
+"""The Go tool mounts, writes and unmounts a layer through ``layerfs-overlay``.
+
+``containers-storage --storage-opt overlay.mount_program=layerfs-overlay`` runs our program
+for its ``mount`` of a layer (a read-write view: lowers from ``l/``, upper = the layer's
+``diff/``). After the Go ``unmount``, the layer dirs are read by two oracles: fuse-overlayfs
+(the reference mount program, reading the store's whiteout format) and, through Go's own
+``diff`` of the layer imported on the same parent into a kernel-format store, kernel
+overlay. Both must show the tree the view showed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from test_rw_store import BASE, write_changes
+
+from conftest import GO_TOOL, GoTool, LayerfsCLI, StorePaths, make_tar, require, require_tool
+from fs_helpers import assert_same_tree, fuse_overlayfs, kernel_overlay, require_fuse, snapshot
+
+pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.interop]
+
+
+def mount_program() -> str:
+    """This virtualenv's ``layerfs-overlay`` unless ``LAYERFS_TEST_MOUNT_PROGRAM`` names
+    another (``/usr/bin/fuse-overlayfs`` proves the test itself)."""
+    path = os.environ.get("LAYERFS_TEST_MOUNT_PROGRAM") or str(
+        Path(sys.executable).parent / "layerfs-overlay"
+    )
+    require(os.access(path, os.X_OK), f"mount program {path} is not installed (scripts/setup)")
+    return path
+
+
+class GoWithProgram(GoTool):
+    """containers-storage on a store whose layers a mount program mounts."""
+
+    def __init__(self, paths: StorePaths, program: str) -> None:
+        super().__init__(paths)
+        self.program = program
+
+    def argv(self, *args: str) -> list[str]:
+        head = super().argv()
+        return [*head, "--storage-opt", f"overlay.mount_program={self.program}", *args]
+
+
+def fuse_mounts(path: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [ln.split(" - ")[1].split()[0] for ln in f if ln.split()[4] == path]
+
+
+def test_go_mounts_writes_and_unmounts_through_the_mount_program(
+    tmp_path: Path, paths: StorePaths
+) -> None:
+    require_fuse()
+    require_tool(GO_TOOL)
+    go = GoWithProgram(paths, mount_program())
+    try:
+        base = go.out("create-layer", "-n", "base").split()[0]
+        go.run("applydiff", base, input=make_tar(BASE))
+        top = go.out("create-layer", "-n", "top", base).split()[0]
+        path = go.out("mount", top).strip()
+        assert fuse_mounts(path) and fuse_mounts(path)[0].startswith("fuse")
+        write_changes(path)
+        view = snapshot(path)
+        go.run("unmount", top)
+        assert fuse_mounts(path) == []
+        store = paths.store()
+        assert store.whiteout_format() == "aufs"  # Go marked the store for a mount program
+        dirs = [store.diff_dir(top), store.diff_dir(base)]
+        with fuse_overlayfs(dirs, tmp_path / "fuse") as mnt:
+            # fuse-overlayfs reports one link for every directory
+            assert_same_tree(snapshot(mnt), view, dir_nlink=False)
+        tar = go.run("diff", top).stdout
+    finally:
+        go.shutdown()
+    kernel_store = LayerfsCLI(StorePaths(str(tmp_path / "k-root"), str(tmp_path / "k-run")))
+    kernel_store.run("import-layer", "--name", "base", input=make_tar(BASE))
+    kernel_store.run("import-layer", "--name", "top", "--parent", "base", input=tar)
+    kstore = kernel_store.paths.store()
+    assert kstore.whiteout_format() == "kernel"
+    dirs = [kstore.diff_dir(la.id) for la in kstore.chain("top")]
+    with kernel_overlay(dirs, tmp_path / "kernel") as mnt:
+        assert_same_tree(snapshot(mnt), view, ignore=("root_mtime",))
