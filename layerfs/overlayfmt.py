@@ -123,3 +123,47 @@ def is_opaque(fmt: WhiteoutFormat, flags: int, has_marker_child: bool, is_root: 
 def follows_redirects(fmt: WhiteoutFormat) -> bool:
     """True if the format's mount follows ``trusted.overlay.redirect`` on directories."""
     return fmt == "kernel"
+
+
+# -- write side: the marker forms a read-write view writes into its upper dir --------------
+#
+# Measured with the same oracles as the read rules above: kernel overlayfs (Linux 6.18) as
+# root writes a whiteout as a character device 0:0 with mode 0 and marks a directory made over
+# a whiteout with ``trusted.overlay.opaque=y``; fuse-overlayfs 1.10 as root writes the same
+# character device for a whiteout and marks a directory opaque with ``trusted.overlay.opaque=y``
+# *and* an empty 0700 regular file ``.wh..wh..opq`` inside it (both read rules accept those).
+
+WHITEOUT_MODE = stat.S_IFCHR | 0o000
+"""Mode of a whiteout device as kernel overlayfs and fuse-overlayfs create it (rdev 0:0)."""
+
+OPAQUE_MARKER_MODE = 0o700
+"""Mode of the ``.wh..wh..opq`` file fuse-overlayfs puts in an opaque directory."""
+
+ORIGIN_XATTR = b"trusted.layerfs.origin"
+"""Written by a read-write view on an upper entry that stands for a lower one (copy-up) or
+keeps an inode number across a rename: the view's inode number, decimal ASCII. Internal:
+never listed, never exported; kernel overlayfs and c/storage ignore ``trusted.layerfs.*``."""
+
+WRITE_HIDDEN_PREFIXES: tuple[bytes, ...] = (b"trusted.layerfs.",)
+"""Xattr prefixes of a read-write view's own bookkeeping: hidden in every format."""
+
+
+def opaque_xattrs(fmt: WhiteoutFormat) -> tuple[tuple[bytes, bytes], ...]:
+    """The xattrs that mark a directory opaque when a read-write view writes it."""
+    return ((TRUSTED_OPAQUE, b"y"),)
+
+
+def opaque_marker_file(fmt: WhiteoutFormat) -> bytes | None:
+    """The name of the marker file an opaque directory also holds in *fmt* (or None)."""
+    return OPAQUE_MARKER if fmt == "aufs" else None
+
+
+def is_write_internal_xattr(fmt: WhiteoutFormat, name: bytes) -> bool:
+    """True for xattrs a read-write view refuses to set or show (as the format's mount does):
+    the format's internal names and the view's own bookkeeping."""
+    return is_hidden_xattr(fmt, name) or name.startswith(WRITE_HIDDEN_PREFIXES)
+
+
+def is_upper_whiteout(fmt: WhiteoutFormat, name: bytes, st_mode: int, st_rdev: int) -> bool:
+    """True if an upper-dir entry (from lstat) is a whiteout (by its own form, not by name)."""
+    return stat.S_ISCHR(st_mode) and st_rdev == 0

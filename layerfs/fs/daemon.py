@@ -43,9 +43,12 @@ log = logging.getLogger("layerfs.fs.daemon")
 DEFAULT_READ_AHEAD_KB = 1024
 
 
-def mount_options(allow_other: bool, for_container: bool) -> set[str]:
-    """FUSE mount options for a view; ``allow_other`` always comes with default_permissions."""
-    opts = {"fsname=layerfs", "subtype=layerfs", "ro", "noatime", "default_permissions"}
+def mount_options(allow_other: bool, for_container: bool, writable: bool = False) -> set[str]:
+    """FUSE mount options for a view; ``allow_other`` always comes with default_permissions.
+    A *writable* view (an upper dir) has no ``ro``."""
+    opts = {"fsname=layerfs", "subtype=layerfs", "noatime", "default_permissions"}
+    if not writable:
+        opts.add("ro")
     if allow_other:
         opts.add("allow_other")
     opts |= {"suid", "dev"} if for_container else {"nosuid", "nodev"}
@@ -144,7 +147,7 @@ def _stderr_captured() -> Iterator[list[str]]:
             lines.extend(ln.strip() for ln in text.splitlines() if ln.strip())
 
 
-def init_fuse(ops: UnionOperations, mountpoint: str, options: set[str]) -> None:
+def init_fuse(ops: pyfuse3.Operations, mountpoint: str, options: set[str]) -> None:
     """``pyfuse3.init`` with libfuse's own complaint as the error (MountSetupError)."""
     with _stderr_captured() as said:
         try:
@@ -231,8 +234,15 @@ def serve(
     for_container: bool = False,
     read_ahead_kb: int = DEFAULT_READ_AHEAD_KB,
     ready_fd: int | None = None,
+    upper_dir: str | None = None,
+    work_dir: str | None = None,
+    upper_layer_id: str | None = None,
 ) -> int:
     """Mount the view and serve it until unmounted or signalled. Returns an exit status.
+
+    With *upper_dir* (and *work_dir*, the overlay work dir on the same file system) the view
+    is read-write: *diff_dirs* are its lower layers (top first, possibly none) and every change
+    lands in *upper_dir* in *whiteout_format* (:mod:`layerfs.fs.rwops`).
 
     Runs in the calling process (the CLI can call it for ``--foreground``). *pins* (one per
     diff dir) say which layers may use a persisted index; *whiteout_format* is the store's
@@ -245,17 +255,34 @@ def serve(
         preflight(mountpoint, allow_other)
         stage = "index"
         t0 = time.monotonic()
-        index, cached = open_index(diff_dirs, pins, whiteout_format=whiteout_format)
-        log.info(
-            "index %s: %d entries, %d layers, %.3f s",
-            "loaded" if cached else "built",
-            len(index),
-            len(diff_dirs),
-            time.monotonic() - t0,
-        )
+        index = None
+        if diff_dirs or upper_dir is None:
+            index, cached = open_index(diff_dirs, pins, whiteout_format=whiteout_format)
+            log.info(
+                "index %s: %d entries, %d layers, %.3f s",
+                "loaded" if cached else "built",
+                len(index),
+                len(diff_dirs),
+                time.monotonic() - t0,
+            )
         stage = "mount"
-        ops = UnionOperations(index, layer_ids)
-        init_fuse(ops, mountpoint, mount_options(allow_other, for_container))
+        ops: pyfuse3.Operations
+        if upper_dir is not None:
+            from layerfs.fs.rwops import open_rw_operations
+
+            ops = open_rw_operations(
+                index,
+                upper_dir,
+                work_dir or "",
+                whiteout_format=whiteout_format,
+                layer_ids=layer_ids,
+                upper_layer_id=upper_layer_id,
+            )
+        else:
+            assert index is not None
+            ops = UnionOperations(index, layer_ids)
+        writable = upper_dir is not None
+        init_fuse(ops, mountpoint, mount_options(allow_other, for_container, writable))
     except Exception as e:
         msg = failure_message(stage, mountpoint, e)
         if isinstance(e, (MountSetupError, OSError, LayerfsError)):
@@ -282,7 +309,12 @@ def serve(
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m layerfs.fs.daemon", description=__doc__)
     p.add_argument("mountpoint")
-    p.add_argument("diff_dirs", nargs="+", help="layer diff dirs, top layer first")
+    p.add_argument(
+        "diff_dirs", nargs="*", help="layer diff dirs, top layer first (the lowers with --upper)"
+    )
+    p.add_argument("--upper", dest="upper_dir", help="upper dir: the view is read-write")
+    p.add_argument("--work", dest="work_dir", help="work dir (same file system as --upper)")
+    p.add_argument("--upper-layer-id", help="layer id of the upper dir (for messages)")
     p.add_argument("--layer-id", action="append", default=[], help="one per diff dir, in order")
     p.add_argument("--index", dest="index_path", help="obsolete, ignored")
     p.add_argument(
@@ -307,6 +339,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = _parse(argv)
+    if a.upper_dir is None and not a.diff_dirs:
+        print("at least one diff dir is needed without --upper", file=sys.stderr)
+        return 2
+    if (a.upper_dir is None) != (a.work_dir is None):
+        print("--upper and --work go together", file=sys.stderr)
+        return 2
     mountpoint = os.path.abspath(a.mountpoint)
     diff_dirs = [os.path.abspath(d) for d in a.diff_dirs]
     index_path = os.path.abspath(a.index_path) if a.index_path else None
@@ -353,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for_container=a.for_container,
         read_ahead_kb=a.read_ahead_kb,
         ready_fd=a.ready_fd,
+        upper_dir=os.path.abspath(a.upper_dir) if a.upper_dir else None,
+        work_dir=os.path.abspath(a.work_dir) if a.work_dir else None,
+        upper_layer_id=a.upper_layer_id,
     )
 
 

@@ -66,6 +66,9 @@ def spawn_daemon(
     for_container: bool = False,
     debug: bool = False,
     timeout: float = 300.0,
+    upper_dir: str | None = None,
+    work_dir: str | None = None,
+    upper_layer_id: str | None = None,
 ) -> int:
     """Start a daemon serving the chain *diff_dirs* (top first) at *mountpoint*; return its pid
     once the mount is live (the daemon has answered a stat of the mountpoint).
@@ -76,8 +79,12 @@ def spawn_daemon(
     the log's tail, which may hold earlier runs); nothing is then left mounted or running.
     *pins* (one per diff dir, see :class:`~layerfs.fs.index.LayerPin`) let pinned layers use
     their persisted index; *whiteout_format* is the store's. *index_path* is obsolete and
-    ignored.
+    ignored. With *upper_dir* and *work_dir* the view is read-write: *diff_dirs* are then its
+    lower layers (possibly none) and changes land in *upper_dir* (*upper_layer_id* names it in
+    messages).
     """
+    if (upper_dir is None) != (work_dir is None):
+        raise MountError("a read-write view needs both an upper and a work dir")
     if layer_ids and len(layer_ids) != len(diff_dirs):
         raise MountError(f"{len(layer_ids)} layer ids for {len(diff_dirs)} layers")
     mountpoint = os.path.abspath(mountpoint)
@@ -93,6 +100,10 @@ def spawn_daemon(
             cmd += ["--tar-split", (pin.tar_split or "") if pin else ""]
             cmd += ["--index-file", (pin.index_path or "") if pin else ""]
     cmd += ["--whiteout-format", whiteout_format]
+    if upper_dir is not None and work_dir is not None:
+        cmd += ["--upper", os.path.abspath(upper_dir), "--work", os.path.abspath(work_dir)]
+        if upper_layer_id:
+            cmd += ["--upper-layer-id", upper_layer_id]
     cmd += ["--log", os.path.abspath(log_path)]
     if allow_other:
         cmd.append("--allow-other")
