@@ -158,14 +158,15 @@ def _gname(gid: int) -> str:
 
 
 def _export_xattrs(path: bytes) -> dict[str, str]:
-    """Xattrs worth carrying in a layer tar (overlay markers and SELinux labels excluded)."""
+    """Xattrs worth carrying in a layer tar (overlay markers, the rw engine's
+    ``trusted.layerfs.*`` bookkeeping and SELinux labels excluded)."""
     out: dict[str, str] = {}
     try:
         keys = os.listxattr(path, follow_symlinks=False)
     except OSError:
         return out
     for key in sorted(keys):
-        if key.startswith(("trusted.overlay.", "user.overlay.")):
+        if key.startswith(("trusted.overlay.", "user.overlay.", "trusted.layerfs.")):
             continue
         if not (key == "security.capability" or key.startswith(("user.", "trusted."))):
             continue

@@ -400,14 +400,8 @@ class MountManager:
             if path.startswith(self.store.overlay_home() + os.sep):
                 self._private_home()
             os.makedirs(self.logs_dir, mode=0o700, exist_ok=True)
-            rw_args: dict[str, str] = {}
-            if plan.upper is not None and plan.work is not None:
+            if plan.work is not None:
                 os.makedirs(plan.work, mode=0o700, exist_ok=True)
-                rw_args = {
-                    "upper_dir": plan.upper,
-                    "work_dir": plan.work,
-                    "upper_layer_id": layer_id,
-                }
             wanted.path, wanted.go_visible = path, not private
             with self._counts() as table:
                 # under layers.lock: a delete either finished (dirs gone) or must now see
@@ -432,7 +426,9 @@ class MountManager:
                     allow_other=allow_other,
                     for_container=for_container,
                     debug=debug,
-                    **rw_args,  # type: ignore[arg-type]
+                    upper_dir=plan.upper,
+                    work_dir=plan.work,
+                    upper_layer_id=layer_id if plan.read_write else None,
                 )
             except BaseException:
                 with self._counts() as table:
