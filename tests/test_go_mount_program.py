@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_rw_store import BASE, write_changes
+from test_rw_store import BASE, ON_DISK_HIDDEN, write_changes
 
 from conftest import GO_TOOL, GoTool, LayerfsCLI, StorePaths, make_tar, require, require_tool
 from fs_helpers import assert_same_tree, fuse_overlayfs, kernel_overlay, require_fuse, snapshot
@@ -71,7 +71,7 @@ def test_go_mounts_writes_and_unmounts_through_the_mount_program(
         dirs = [store.diff_dir(top), store.diff_dir(base)]
         with fuse_overlayfs(dirs, tmp_path / "fuse") as mnt:
             # fuse-overlayfs reports one link for every directory
-            assert_same_tree(snapshot(mnt), view, dir_nlink=False)
+            assert_same_tree(snapshot(mnt, ON_DISK_HIDDEN), view, dir_nlink=False)
         tar = go.run("diff", top).stdout
     finally:
         go.shutdown()
@@ -82,4 +82,11 @@ def test_go_mounts_writes_and_unmounts_through_the_mount_program(
     assert kstore.whiteout_format() == "kernel"
     dirs = [kstore.diff_dir(la.id) for la in kstore.chain("top")]
     with kernel_overlay(dirs, tmp_path / "kernel") as mnt:
-        assert_same_tree(snapshot(mnt), view, ignore=("root_mtime",))
+        got = snapshot(mnt, ON_DISK_HIDDEN)
+    for snap in (got, view):
+        for record in snap.values():
+            record["mtime"] //= 10**9  # a layer tar carries whole seconds
+    # Go exports a directory made again over a deleted one as the directory plus a whiteout
+    # of each entry it hid (not an opaque marker): kernel overlay then reports it as a merged
+    # directory, with one link
+    assert_same_tree(got, view, ignore=("root_mtime",), dir_nlink=False)

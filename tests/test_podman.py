@@ -27,7 +27,6 @@ program (``/usr/bin/fuse-overlayfs`` proves the harness itself).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -44,8 +43,8 @@ from typing import Any
 
 import pytest
 
-from conftest import require, require_root, require_tool
-from fs_helpers import assert_same_tree, fuse_overlayfs, kernel_overlay, snapshot
+from conftest import GO_TOOL, LayerfsCLI, StorePaths, require, require_root, require_tool
+from fs_helpers import assert_same_tree, kernel_overlay, snapshot
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.interop]
 
@@ -247,6 +246,17 @@ class Podman:
         lowers = [d for d in lower.strip().split(":") if d and d != "<no value>"]
         return [upper.strip(), *lowers]
 
+    def go_diff(self, layer: str) -> bytes:
+        """The layer as an OCI tar, exported by containers-storage (podman's own code) on this
+        store with this store's options."""
+        argv = [GO_TOOL, "-g", str(self.base / "root"), "-R", str(self.base / "run")]
+        argv += ["-s", "overlay"]
+        if self.mount_program:
+            argv += ["--storage-opt", f"overlay.mount_program={self.mount_program}"]
+        proc = subprocess.run([*argv, "diff", layer], capture_output=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        return proc.stdout
+
     def close(self) -> None:
         subprocess.run(self.argv("rm", "--all", "--force"), capture_output=True, env=self.env)
         subprocess.run(self.argv("system", "reset", "--force"), capture_output=True, env=self.env)
@@ -258,8 +268,8 @@ class Podman:
 
 @dataclass
 class Outcome:
-    """What one store made of the steps: the containers' outputs, and the layer chains (diff
-    dirs, top first) of the images and of the stopped containers (their upper dir first)."""
+    """What one store made of the steps: the containers' outputs, and the layer diff dirs
+    (top first) of the images and of the stopped containers (their upper dir first)."""
 
     podman: Podman
     outputs: list[str]
@@ -278,25 +288,48 @@ def _steps(podman: Podman, tar: Path, inputs: Path) -> Outcome:
     return Outcome(podman, outputs, chains)
 
 
+PARENTS = {"step1": "minbase", "c1": "minbase", "step2": "step1", "c2": "step1"}
+"""Each written layer (a commit's top layer, a stopped container's own layer) and the image
+it was made on."""
+
+
+def _canonical(outcomes: dict[str, Outcome], tar: Path, cli: LayerfsCLI) -> None:
+    """Every written layer of each store, exported by containers-storage's ``diff`` (the
+    code podman's commit runs) and imported on the same parents into one kernel-format
+    layerfs store as ``<store>-<layer>``: the trees can then be read by kernel overlay alone,
+    whatever whiteout format each podman store keeps."""
+    cli.run("import-layer", "--name", "minbase", input=tar.read_bytes(), timeout=600)
+    for name, outcome in outcomes.items():
+        for layer, parent in PARENTS.items():
+            layer_id = Path(outcome.chains[layer][0]).parent.name
+            data = outcome.podman.go_diff(layer_id)
+            under = "minbase" if parent == "minbase" else f"{name}-{parent}"
+            cli.run("import-layer", "--name", f"{name}-{layer}", "--parent", under, input=data)
+
+
+@dataclass
+class Stores:
+    outcomes: dict[str, Outcome]
+    canonical: StorePaths
+
+
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Outcome]]:
-    """The same steps on three stores: ``ours`` (layerfs-overlay), ``fuse`` (fuse-overlayfs,
-    the reference mount program: podman's commit of a mount-program store goes through the
-    same Go code for both) and ``kernel`` (native kernel overlay, the oracle of what the
-    containers wrote)."""
+def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stores]:
+    """The same steps on two podman stores, ``ours`` (layerfs-overlay) and ``kernel``
+    (native kernel overlay, the oracle), and their written layers in one canonical store."""
     require_root()
     require_tool("podman")
     require_tool("runc")
+    require_tool(GO_TOOL)
     program = mount_program()
-    reference = require_tool("fuse-overlayfs")
     tar = minbase_tar()
     base = tmp_path_factory.mktemp("podman")
     inputs = base / "in"
     inputs.mkdir()
     big_tarball(inputs / "big.tar")
     shutil.copy(small_deb(base), inputs / "hello-layerfs.deb")
-    stores: dict[str, Podman] = {}
-    for name, prog in (("ours", program), ("fuse", reference), ("kernel", None)):
+    podmans: dict[str, Podman] = {}
+    for name, prog in (("ours", program), ("kernel", None)):
         conf = base / f"{name}-storage.conf"
         # podman reads this before its flags: keep the host's storage.conf out of the test
         conf.write_text(
@@ -304,107 +337,67 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Outco
             f'graphroot = "{base}/{name}/root"\n'
         )
         env = dict(os.environ, CONTAINERS_STORAGE_CONF=str(conf), CONTAINERS_CONF="/dev/null")
-        stores[name] = Podman(base / name, prog, env)
+        podmans[name] = Podman(base / name, prog, env)
+    canonical = StorePaths(str(base / "canonical" / "root"), str(base / "canonical" / "run"))
     try:
-        yield {name: _steps(podman, tar, inputs) for name, podman in stores.items()}
+        outcomes = {name: _steps(podman, tar, inputs) for name, podman in podmans.items()}
+        _canonical(outcomes, tar, LayerfsCLI(canonical))
+        yield Stores(outcomes, canonical)
     finally:
-        for podman in stores.values():
+        for podman in podmans.values():
             podman.close()
+        with open("/proc/self/mounts") as f:
+            points = [line.split()[1] for line in f]
+        for point in sorted((p for p in points if p.startswith(str(base))), reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True)
 
 
-@contextlib.contextmanager
-def _tree(outcome: Outcome, name: str, mnt: Path) -> Iterator[dict[str, dict[str, Any]]]:
-    """An image's or a stopped container's tree as the store's own reader shows it: kernel
-    overlay for the native store, fuse-overlayfs for a mount-program store (whose ``.wh.``
-    whiteouts the kernel does not read)."""
-    chain = outcome.chains[name]
-    reader = fuse_overlayfs if outcome.podman.mount_program else kernel_overlay
-    with reader(chain, mnt) as path:
-        yield snapshot(path)
+CLOCK_FILES = ("var/log/dpkg.log",)  # dpkg writes the time into it
+
+
+def _tree(stores: Stores, name: str, mnt: Path) -> dict[str, dict[str, Any]]:
+    """The tree of a written layer over its image, read by kernel overlay from the canonical
+    store; file contents the clock writes are left out."""
+    store = stores.canonical.store()
+    with kernel_overlay([store.diff_dir(la.id) for la in store.chain(name)], mnt) as path:
+        snap = snapshot(path)
+    for clocked in CLOCK_FILES:
+        if clocked in snap:
+            snap[clocked]["data"] = None
+    return snap
 
 
 def _same_times_where_deterministic(
     got: dict[str, dict[str, Any]], want: dict[str, dict[str, Any]]
 ) -> None:
-    """Keep mtimes only where both are older than the test run (kept from the base image or
-    the tarball, through copy-up and rename); newer ones are the clock's. A file the oracle
-    changed must be newer on our side too. A directory's mtime also depends on which parent
-    directories a commit writes into the layer, so it is kept only when both sides kept the
-    old time."""
-    since = MODULE_START_NS
+    """Keep mtimes only where the oracle's is older than the test run (kept from the base
+    image or the tarball, through copy-up and rename); newer ones are the clock's, and ours
+    must then be newer too."""
     for path, record in want.items():
-        if path not in got:
-            continue
-        new = record["mtime"] >= since
-        if new and record["type"] != stat.S_IFDIR:
-            assert got[path]["mtime"] >= since, f"{path}: mtime went back in time"
-        if new or (record["type"] == stat.S_IFDIR and got[path]["mtime"] >= since):
+        if path in got and record["mtime"] >= MODULE_START_NS:
+            assert got[path]["mtime"] >= MODULE_START_NS, f"{path}: mtime went back in time"
             got[path]["mtime"] = record["mtime"] = None
 
 
-CLOCK_FILES = ("var/log/dpkg.log",)  # dpkg writes the time into it
-COMMIT_QUIRK = "usr/share/lintian"
-"""Made again over its deleted self in step 1 (an opaque dir): podman's commit of a
-mount-program store drops the opacity (its apply of ``.wh..wh..opq`` into a ``.wh.``-format
-layer removes what the new layer holds, marks nothing), so the step1 image differs from the
-kernel store's there, whichever mount program wrote the container."""
-
-
-def _comparable(snap: dict[str, dict[str, Any]], drop: str | None = None) -> None:
-    for path in CLOCK_FILES:
-        if path in snap:
-            snap[path]["data"] = None
-    if drop is not None:
-        for path in [p for p in snap if p == drop or p.startswith(drop + "/")]:
-            del snap[path]
-
-
-@pytest.mark.parametrize("container", ["c1", "c2"])
-def test_container_writes_match_kernel_overlay(
-    stores: dict[str, Outcome], container: str, tmp_path: Path
-) -> None:
-    """What each container wrote through layerfs-overlay (its upper dir over its image) is
-    the tree the same container wrote through kernel overlay (for c2, whose image is a
-    commit, but for :data:`COMMIT_QUIRK`)."""
-    with (
-        _tree(stores["ours"], container, tmp_path / "ours") as got,
-        _tree(stores["kernel"], container, tmp_path / "kernel") as want,
-    ):
-        pass
-    drop = COMMIT_QUIRK if container == "c2" else None
-    _comparable(got, drop)
-    _comparable(want, drop)
-    _same_times_where_deterministic(got, want)
-    # fuse-overlayfs, our reader here, reports every directory with one link
-    assert_same_tree(got, want, ignore=("root_mtime",), dir_nlink=False)
-    assert stat.S_ISFIFO(got["etc/a-fifo"]["type"])
-    assert "usr/share/man" not in got
-
-
-@pytest.mark.parametrize("image", ["step1", "step2"])
-def test_committed_images_match_fuse_overlayfs(
-    stores: dict[str, Outcome], image: str, tmp_path: Path
-) -> None:
-    """podman's commit of a mount-program store makes the same images from layerfs-overlay's
-    upper dirs as from fuse-overlayfs's (kernel overlay is no oracle here: that commit path
-    drops the opacity of a directory made again over a deleted one, for either program)."""
-    with (
-        _tree(stores["ours"], image, tmp_path / "ours") as got,
-        _tree(stores["fuse"], image, tmp_path / "fuse") as want,
-    ):
-        pass
-    _comparable(got)
-    _comparable(want)
+@pytest.mark.parametrize("layer", ["c1", "step1", "c2", "step2"])
+def test_written_layers_match_kernel_overlay(stores: Stores, layer: str, tmp_path: Path) -> None:
+    """What each container wrote through layerfs-overlay (its own layer), and each image
+    podman committed from it, is what the same steps give on native kernel overlay: type,
+    mode, owner, size, content, symlink target, rdev, xattrs, hard-link groups, whiteouts
+    and opaque directories (as the entries they hide), old mtimes kept."""
+    got = _tree(stores, f"ours-{layer}", tmp_path / "ours")
+    want = _tree(stores, f"kernel-{layer}", tmp_path / "kernel")
     _same_times_where_deterministic(got, want)
     assert_same_tree(got, want, ignore=("root_mtime",))
+    assert stat.S_ISFIFO(got["etc/a-fifo"]["type"])
+    moved = "usr/share/man-renamed" if layer in ("c1", "step1") else "usr/share/man-again"
+    assert "usr/share/man" not in got and f"{moved}/de" in got  # a lower dir renamed
 
 
-def test_containers_print_the_same(stores: dict[str, Outcome]) -> None:
+def test_containers_print_the_same(stores: Stores) -> None:
     """Every container, the last one run on the twice-committed image, prints on
-    layerfs-overlay what it prints on fuse-overlayfs; those that read no re-made directory
-    print what they print on kernel overlay."""
-    ours, fuse, kernel = stores["ours"], stores["fuse"], stores["kernel"]
-    assert ours.outputs == fuse.outputs
-    assert ours.outputs[:2] == kernel.outputs[:2]
+    layerfs-overlay what it prints on kernel overlay."""
+    ours, kernel = stores.outcomes["ours"], stores.outcomes["kernel"]
+    assert ours.outputs == kernel.outputs
     assert "hello from layerfs" in ours.outputs[0]
     assert "rc  hello-layerfs" in ours.outputs[2]  # removed, its conffile kept
