@@ -49,7 +49,9 @@ from layerfs.fs.upper import (
     renameat2,
 )
 from layerfs.overlayfmt import (
+    TRUSTED_PREFIX,
     WH_PREFIX,
+    WRITE_HIDDEN_PREFIXES,
     WhiteoutFormat,
     check_format,
     is_hidden_xattr,
@@ -66,7 +68,8 @@ THREAD_COPY_BYTES = 1 << 20
 
 _INO_SHIFT = 48
 _TRUSTED = b"trusted."
-_SECURITY_CAPABILITY = b"security.capability"
+ESCAPED_PREFIX = TRUSTED_PREFIX + b"overlay."
+"""The kernel format stores view xattr ``trusted.overlay.X`` as ``trusted.overlay.overlay.X``."""
 
 
 @dataclass
@@ -253,10 +256,9 @@ class RWOperations(pyfuse3.Operations):
                 return self._ea_of_lower(node.lower)
         for h in self._handles.values():
             if h.node is node:
-                ea = self._ea_of_stat(node.ino, os.fstat(h.fd), False)
-                if not h.upper:
-                    ea.st_nlink = 0
-                return ea
+                # as the kernel: the open file's own count (0 for an unlinked upper file;
+                # a lower file opened before its name was whited out keeps its count)
+                return self._ea_of_stat(node.ino, os.fstat(h.fd), False)
         raise _err(errno.ENOENT)
 
     # -- resolving -------------------------------------------------------------------------
@@ -853,8 +855,17 @@ class RWOperations(pyfuse3.Operations):
                 raise _err(errno.ENOTEMPTY)
             self._remove(pnode, rel, p)
 
+    def _group_up_before_unlink(self, rel: bytes, p: Probe) -> None:
+        """Before the name *rel* of a lower hard-link group goes (unlink, rename over it),
+        copy the group up, so that the other links show a true count afterwards."""
+        if p.st is None and p.lower is not None and self.lower is not None:
+            a = self.lower.attr(p.lower)
+            if not stat.S_ISDIR(a.mode) and a.nlink > 1:
+                self._copy_up_sync(self.by_path.get(rel) or self._bind(p, rel), rel)
+
     def _remove(self, pnode: Node, rel: bytes, p: Probe) -> None:
         prel = rel.rpartition(b"/")[0]
+        self._group_up_before_unlink(rel, p)
         if p.lower_here is not None:
             self._ensure_dir_sync(prel)
             self.up.whiteout(rel)
@@ -899,6 +910,8 @@ class RWOperations(pyfuse3.Operations):
                     if self._listing(dnode, drel):
                         raise _err(errno.ENOTEMPTY)
             snode = self.by_path.get(srel) or self._bind(sp, srel)
+            if dp is not None and not s_dir:
+                self._group_up_before_unlink(drel, dp)
             await self._prepare_move(snode, srel, sp, s_dir)
             self._ensure_dir_sync(drel.rpartition(b"/")[0])
             s_abs, d_abs = self.up.path(srel), self.up.path(drel)
@@ -1024,18 +1037,38 @@ class RWOperations(pyfuse3.Operations):
     def _internal(self, name: bytes) -> bool:
         return is_write_internal_xattr(self.fmt, name)
 
+    def _upper_name(self, name: bytes) -> bytes | None:
+        """The upper dir's xattr name for view xattr *name*, None if it cannot be set. The
+        kernel format escapes ``trusted.overlay.X`` as ``trusted.overlay.overlay.X``, as kernel
+        overlayfs (6.7+) does for nested overlays; fuse-overlayfs refuses its internal names."""
+        if name.startswith(WRITE_HIDDEN_PREFIXES):
+            return None
+        if self.fmt == "kernel" and name.startswith(TRUSTED_PREFIX):
+            return ESCAPED_PREFIX + name[len(TRUSTED_PREFIX) :]
+        return None if is_hidden_xattr(self.fmt, name) else name
+
+    def _view_name(self, uname: bytes) -> bytes | None:
+        """The view's name of upper xattr *uname* (None: internal, never shown)."""
+        if self.fmt == "kernel" and uname.startswith(ESCAPED_PREFIX):
+            return TRUSTED_PREFIX + uname[len(ESCAPED_PREFIX) :]
+        return None if self._internal(uname) else uname
+
+    def _refuse(self, name: bytes) -> pyfuse3.FUSEError:
+        if name.startswith(WRITE_HIDDEN_PREFIXES):
+            return _err(pyfuse3.ENOATTR)
+        return _err(errno.EOPNOTSUPP)
+
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
-        if self._internal(name):
-            if is_hidden_xattr(self.fmt, name):
-                raise _err(errno.EOPNOTSUPP)
-            raise _err(pyfuse3.ENOATTR)
+        uname = self._upper_name(name)
+        if uname is None:
+            raise self._refuse(name)
         rel = node.rel()
         if rel is not None:
             st, _ = self.up.entry(rel)
             if st is not None:
                 try:
-                    return os.getxattr(self.up.path(rel), name, follow_symlinks=False)
+                    return os.getxattr(self.up.path(rel), uname, follow_symlinks=False)
                 except OSError as e:
                     if e.errno == errno.ENODATA:
                         raise _err(pyfuse3.ENOATTR) from None
@@ -1052,10 +1085,13 @@ class RWOperations(pyfuse3.Operations):
         names: list[bytes] = []
         st = self.up.entry(rel)[0] if rel is not None else None
         if rel is not None and st is not None:
-            names = [os.fsencode(n) for n in os.listxattr(self.up.path(rel), follow_symlinks=False)]
+            raw = os.listxattr(self.up.path(rel), follow_symlinks=False)
+            for n in raw:
+                v = self._view_name(os.fsencode(n))
+                if v is not None:
+                    names.append(v)
         elif node.lower is not None and self.lower is not None:
-            names = [k for k, _ in self.lower.xattrs(node.lower)]
-        names = [n for n in names if not self._internal(n)]
+            names = [k for k, _ in self.lower.xattrs(node.lower) if not self._internal(k)]
         if any(n.startswith(_TRUSTED) for n in names) and not caller_has_sys_admin(ctx.pid):
             names = [n for n in names if not n.startswith(_TRUSTED)]
         return names
@@ -1063,14 +1099,16 @@ class RWOperations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        if self._internal(name):
+        uname = self._upper_name(name)
+        if uname is None:
             raise _err(errno.EOPNOTSUPP)
         async with self.mutation:
             rel = await self._copy_up(self._node(inode))
-            os.setxattr(self.up.path(rel), name, value, follow_symlinks=False)
+            os.setxattr(self.up.path(rel), uname, value, follow_symlinks=False)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if self._internal(name):
+        uname = self._upper_name(name)
+        if uname is None:
             raise _err(errno.EOPNOTSUPP)
         async with self.mutation:
             node = self._node(inode)
@@ -1084,7 +1122,7 @@ class RWOperations(pyfuse3.Operations):
                     raise _err(pyfuse3.ENOATTR)
             rel = await self._copy_up(node)
             try:
-                os.removexattr(self.up.path(rel), name, follow_symlinks=False)
+                os.removexattr(self.up.path(rel), uname, follow_symlinks=False)
             except OSError as e:
                 if e.errno == errno.ENODATA:
                     raise _err(pyfuse3.ENOATTR) from None
