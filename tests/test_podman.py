@@ -372,10 +372,13 @@ def _same_times_where_deterministic(
 ) -> None:
     """Keep mtimes only where the oracle's is older than the test run (kept from the base
     image or the tarball, through copy-up and rename); newer ones are the clock's, and ours
-    must then be newer too."""
+    must then be newer too, but for directories: containers-storage exports a mount-program
+    store's layer with its naive differ, which leaves out a directory whose only change is
+    its mtime (moby's rule: a directory's mtime is no measure of change)."""
     for path, record in want.items():
         if path in got and record["mtime"] >= MODULE_START_NS:
-            assert got[path]["mtime"] >= MODULE_START_NS, f"{path}: mtime went back in time"
+            if record["type"] != stat.S_IFDIR:
+                assert got[path]["mtime"] >= MODULE_START_NS, f"{path}: mtime went back in time"
             got[path]["mtime"] = record["mtime"] = None
 
 
@@ -388,7 +391,12 @@ def test_written_layers_match_kernel_overlay(stores: Stores, layer: str, tmp_pat
     got = _tree(stores, f"ours-{layer}", tmp_path / "ours")
     want = _tree(stores, f"kernel-{layer}", tmp_path / "kernel")
     _same_times_where_deterministic(got, want)
-    assert_same_tree(got, want, ignore=("root_mtime",))
+    # directory link counts are the kernel's view of how a layer is encoded, not content:
+    # overlayfs reports one link for a merged directory, and the naive differ exports a
+    # directory made again over a deleted one as the directory plus a whiteout per hidden
+    # entry (merged) where the kernel store's export has an opaque marker (not merged), and
+    # leaves out a directory whose only change is its mtime (then merged on the other side)
+    assert_same_tree(got, want, ignore=("root_mtime",), dir_nlink=False)
     assert stat.S_ISFIFO(got["etc/a-fifo"]["type"])
     moved = "usr/share/man-renamed" if layer in ("c1", "step1") else "usr/share/man-again"
     assert "usr/share/man" not in got and f"{moved}/de" in got  # a lower dir renamed
