@@ -66,6 +66,7 @@ def build_lower(root: Path) -> str:
     la.device("cdev", "c", 1, 3)
     la.file("own", b"own", uid=1000, gid=1000)
     la.dir("sg", mode=0o2775, gid=100)
+    la.dir("pub", mode=0o1777).file("pub/roots", b"r", mode=0o666)
     la.file("open-me", b"still here")
     return str(la.finish())
 
@@ -410,6 +411,29 @@ def _write_as_nobody(path: str) -> int:
     return r.returncode
 
 
+def _as_nobody(cwd: str, script: str) -> tuple[int, str]:
+    """Run *script* as nobody in *cwd* (entered as root: the test's tmp dirs are private)."""
+    r = subprocess.run(
+        ["sh", "-c", script], cwd=cwd, user=65534, group=65534, capture_output=True, text=True
+    )
+    return r.returncode, r.stderr.strip()
+
+
+def test_new_entries_belong_to_the_caller(pair: Pair) -> None:
+    """Entries made by an unprivileged caller are its own; the kernel checks permissions
+    (default_permissions) from the attributes the view reports, sticky bit included."""
+    assert pair.run(lambda r: _as_nobody(r, "echo x > pub/f && mkdir pub/d && ln -s f pub/s")) == (
+        "ok",
+        (0, ""),
+    )
+    owners = pair.run(lambda r: [_stat(f"{r}/pub/{n}")[2:4] for n in ("f", "d", "s")])
+    assert owners == ("ok", [(65534, 65534)] * 3)
+    assert pair.run(lambda r: _as_nobody(r, "rm -f pub/roots"))[1][0] != 0  # sticky dir
+    assert pair.run(lambda r: _as_nobody(r, "echo x > d/denied"))[1][0] != 0
+    assert pair.run(lambda r: _as_nobody(r, "mv pub/f pub/g && rm pub/s")) == ("ok", (0, ""))
+    finish(pair)
+
+
 def test_write_clears_setid_and_capability(pair: Pair) -> None:
     pair.run(lambda r: os.chmod(f"{r}/cap", 0o666))
     pair.run(lambda r: _write_as_nobody(f"{r}/suid") or _stat(f"{r}/suid"))
@@ -558,3 +582,31 @@ def test_random_sequences_match_kernel(tmp_path_factory: pytest.TempPathFactory,
         # dir link counts differ where layerfs copies up a whole hard-link group with its
         # parents (merged dirs: 1) and the kernel links lazily from its index
         finish(pair, dir_nlink=False)
+
+
+def test_lowerless_view_is_its_upper_dir(tmp_path: Path) -> None:
+    """A view with no lower layer (a base container layer): every change lands in the upper
+    dir as it is, without a single whiteout or opaque marker."""
+    up, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
+    up.mkdir()
+    work.mkdir()
+    (up / "old").write_bytes(b"old")
+    with layerfs_rw([], str(up), str(work), mnt):
+        m = str(mnt)
+        _write(f"{m}/a", b"a")
+        os.makedirs(f"{m}/d/e")
+        os.rename(f"{m}/d", f"{m}/d2")
+        os.symlink("a", f"{m}/d2/s")
+        os.link(f"{m}/a", f"{m}/d2/e/a2")
+        os.unlink(f"{m}/old")
+        os.mkfifo(f"{m}/fifo")
+        live = snapshot(m, HIDDEN)
+    direct = snapshot(str(up), HIDDEN)
+    compare_trees(live, direct, 1 << 63, "view and its upper dir")  # every time exact
+    kinds = {stat.S_IFMT(os.lstat(p).st_mode) for p in up.rglob("*")}
+    assert stat.S_IFCHR not in kinds
+    assert not [
+        p
+        for p in up.rglob("*")
+        if b"trusted.overlay.opaque" in map(os.fsencode, os.listxattr(p, follow_symlinks=False))
+    ]

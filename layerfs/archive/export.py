@@ -158,8 +158,7 @@ def _gname(gid: int) -> str:
 
 
 def _export_xattrs(path: bytes) -> dict[str, str]:
-    """Xattrs worth carrying in a layer tar (overlay markers, the rw engine's
-    ``trusted.layerfs.*`` bookkeeping and SELinux labels excluded)."""
+    """Xattrs worth carrying in a layer tar (overlay markers and SELinux labels excluded)."""
     out: dict[str, str] = {}
     try:
         keys = os.listxattr(path, follow_symlinks=False)
@@ -167,7 +166,7 @@ def _export_xattrs(path: bytes) -> dict[str, str]:
         return out
     for key in sorted(keys):
         if key.startswith(("trusted.overlay.", "user.overlay.", "trusted.layerfs.")):
-            continue
+            continue  # (trusted.layerfs.*: a read-write view's bookkeeping, e.g. origin inodes)
         if not (key == "security.capability" or key.startswith(("user.", "trusted."))):
             continue
         try:

@@ -1152,7 +1152,8 @@ class RWOperations(pyfuse3.Operations):
         self._next_fh += 1
         self._handles[fh] = _Handle(fd, node, upper)
         node.opens += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
+        # keep_cache: every change of the file passes through this mount (and its page cache)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
