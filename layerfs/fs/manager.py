@@ -496,6 +496,8 @@ class MountManager:
             if live is not None and view.daemon_state == "at-record":
                 same_options(live)
             elif wanted.read_write and "ro" in self._mount_options(record.path):
+                # (containers-storage 1.43 ignores `mount -o ro` of a layer; newer ones mount
+                # it lowerdir-only, which cannot take writes)
                 raise MountError(
                     f'layer "{layer_id}" is mounted read-only at {record.path} by another '
                     "tool; unmount it before mounting it read-write"
