@@ -90,3 +90,44 @@ def test_go_mounts_writes_and_unmounts_through_the_mount_program(
     # of each entry it hid (not an opaque marker): kernel overlay then reports it as a merged
     # directory, with one link
     assert_same_tree(got, view, ignore=("root_mtime",), dir_nlink=False)
+
+
+def test_layerfs_rw_mount_in_a_mount_program_store(tmp_path: Path, paths: StorePaths) -> None:
+    """In a store that Go uses with ``layerfs-overlay`` as its mount program (``.wh.``
+    format): ``layerfs mount`` of a writable layer writes that format (fuse-overlayfs, the
+    store's reference reader, shows the view's tree afterwards); Go's mount shares our view;
+    and in the other order ``layerfs mount`` shares the mount Go made through the program,
+    its last ``unmount`` ending it."""
+    require_fuse()
+    require_tool(GO_TOOL)
+    go = GoWithProgram(paths, mount_program())
+    cli = LayerfsCLI(paths)
+    try:
+        base = go.out("create-layer", "-n", "base").split()[0]
+        go.run("applydiff", base, input=make_tar(BASE))
+        top = cli.out("create-layer", "--writeable", "--name", "top", base).split()[0]
+        store = paths.store()
+        assert store.whiteout_format() == "aufs"
+        path = cli.out("mount", "top").strip()
+        assert go.out("mount", top).strip() == path  # shared, not a second writer
+        write_changes(path)
+        view = snapshot(path)
+        go.run("unmount", top)
+        assert "unmounted" in cli.out("unmount", "top")
+        assert fuse_mounts(path) == []
+        dirs = [store.diff_dir(top), store.diff_dir(base)]
+        with fuse_overlayfs(dirs, tmp_path / "fuse") as mnt:
+            assert_same_tree(snapshot(mnt, ON_DISK_HIDDEN), view, dir_nlink=False)
+        # Go first, through the mount program; then layerfs shares it
+        path = go.out("mount", top).strip()
+        assert cli.out("mount", "top").strip() == path
+        assert cli.out("mounted", "top").strip() == "2"
+        with open(os.path.join(path, "etc", "second"), "w") as f:
+            f.write("2\n")
+        go.run("unmount", top)
+        assert "unmounted" in cli.out("unmount", "top")
+        assert fuse_mounts(path) == []
+        assert os.path.exists(os.path.join(store.diff_dir(top), "etc", "second"))
+    finally:
+        cli.run("unmount", "--force", "top", check=False)
+        go.shutdown()
