@@ -38,6 +38,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from layerfs.fs.backing import BackingOpener
 from layerfs.fs.index import ROOT_INO, UnionIndex
 from layerfs.fs.ops import caller_has_sys_admin, guard_handlers
 from layerfs.fs.upper import (
@@ -154,6 +155,7 @@ class RWOperations(pyfuse3.Operations):
         nlayers = len(lower.diff_dirs) if lower is not None else 0
         self.upper_tag = (nlayers + 1) << _INO_SHIFT
         self.upper_layer_id = upper_layer_id
+        self._opener = BackingOpener(lower.diff_dirs) if lower is not None else None
         root_lower = ROOT_INO if lower is not None else None
         if root_lower is not None and self.fmt == "aufs" and upper.is_opaque(b""):
             root_lower = None  # fuse-overlayfs honours an opaque layer root
@@ -496,22 +498,27 @@ class RWOperations(pyfuse3.Operations):
         return out
 
     # -- copy-up (mutation lock held) ---------------------------------------------------------
-    def _lower_source(self, lino: int) -> tuple[bytes, bytes | None]:
-        """(backing path, symlink target) of a lower entry."""
-        assert self.lower is not None
-        path = self.lower.backing_path(lino)
-        target = None
-        if stat.S_ISLNK(self.lower.attr(lino).mode):
-            target = self.lower.readlink(lino)
-        return path, target
+    def _open_lower(self, lino: int) -> int:
+        """A read-only fd of lower file *lino*, opened confined to its layer (no symlink
+        followed below the diff dir, :mod:`layerfs.fs.backing`)."""
+        assert self.lower is not None and self._opener is not None
+        layer, rel = self.lower.backing_in_layer(lino)
+        fd = self._opener.open(layer, rel)
+        assert fd is not None
+        return fd
 
     def _copy_lower_to_temp(self, lino: int, ino: int, with_data: bool = True) -> bytes:
         """A complete copy of lower entry *lino* (no children) in the work dir, with its
         attributes and origin *ino*."""
         assert self.lower is not None
         a = self.lower.attr(lino)
-        src, target = self._lower_source(lino)
-        tmp = self.up.prepare_copy(a.mode, a.rdev, a.size, src, target, with_data)
+        target = self.lower.readlink(lino) if stat.S_ISLNK(a.mode) else None
+        src = self._open_lower(lino) if stat.S_ISREG(a.mode) and with_data and a.size else None
+        try:
+            tmp = self.up.prepare_copy(a.mode, a.rdev, a.size, src, target, with_data)
+        finally:
+            if src is not None:
+                os.close(src)
         try:
             self.up.copy_attrs(
                 tmp, a.mode, a.uid, a.gid, a.atime_ns, a.mtime_ns, self.lower.xattrs(lino)
@@ -1144,9 +1151,7 @@ class RWOperations(pyfuse3.Operations):
         else:
             if node.lower is None or self.lower is None:
                 raise _err(errno.ENOENT)
-            fd = os.open(
-                self.lower.backing_path(node.lower), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
-            )
+            fd = self._open_lower(node.lower)
             upper = False
         fh = self._next_fh
         self._next_fh += 1

@@ -332,24 +332,21 @@ class Upper:
         mode: int,
         rdev: int,
         size: int,
-        src: bytes | None,
+        src_fd: int | None,
         link_target: bytes | None,
         with_data: bool = True,
     ) -> bytes:
-        """Create the copy of a lower entry in the work dir (content only) and return its
-        temporary path; the caller sets attributes (:meth:`copy_attrs`) and places it."""
+        """Create the copy of a lower entry in the work dir (content read from *src_fd*, which
+        the caller opened and closes) and return its temporary path; the caller sets the
+        attributes (:meth:`copy_attrs`) and places it."""
         tmp = self.temp()
         if stat.S_ISDIR(mode):
             os.mkdir(tmp, 0o700)
         elif stat.S_ISREG(mode):
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
             try:
-                if with_data and size > 0 and src is not None:
-                    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                    try:
-                        copy_data(sfd, fd, size)
-                    finally:
-                        os.close(sfd)
+                if with_data and size > 0 and src_fd is not None:
+                    copy_data(src_fd, fd, size)
             except BaseException:
                 os.close(fd)
                 os.unlink(tmp)
