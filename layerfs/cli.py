@@ -508,6 +508,7 @@ def _ps(store: Store, args: argparse.Namespace) -> int:
                     "count": v.count,
                     "pid": v.pid,
                     "state": v.state,
+                    "read_write": v.read_write,
                 }
                 for v in views
             ]

@@ -227,6 +227,8 @@ def test_go_mount_shares_a_layerfs_rw_view(
     path = cli.out("mount", "ctr").strip()
     assert go.out("mount", writable).strip() == path
     assert recorded(paths) == {writable: (path, 2)}
+    views = json.loads(cli.out("ps", "--json"))
+    assert [(v["mountpoint"], v["count"], v["read_write"]) for v in views] == [(path, 2, True)]
     with open(os.path.join(path, "etc/from-go-user"), "w") as f:
         f.write("x\n")
     assert "still mounted (1)" in cli.out("unmount", "ctr")

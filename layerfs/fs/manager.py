@@ -91,6 +91,7 @@ class MountInfo:
     count: int
     pid: int | None
     state: str  # "live", "private", "untracked" (Go dropped its record), "hung", "hidden"
+    read_write: bool = False  # the view writes into the layer (ours, or Go's kernel overlay)
 
 
 @dataclass(frozen=True)
@@ -722,13 +723,21 @@ class MountManager:
             if record is not None:
                 pid = self._daemon_pid(layer_id, record.path)
                 state = view.record_state if view.record_state in ("hung", "hidden") else "live"
-                out.append(MountInfo(layer_id, names, record.path, record.count, pid, state))
+                if view.daemon_state == "at-record" and daemon is not None:
+                    rw = daemon.read_write
+                else:  # Go's mount (kernel overlay or its mount program)
+                    rw = "ro" not in self._mount_options(record.path)
+                out.append(MountInfo(layer_id, names, record.path, record.count, pid, state, rw))
             if daemon is not None and view.daemon_state in ("live", "hung", "hidden"):
                 count = 0 if daemon.go_visible else daemon.count
                 state = view.daemon_state
                 if state == "live":
                     state = "untracked" if daemon.go_visible else "private"
-                out.append(MountInfo(layer_id, names, daemon.path, count, daemon.pid, state))
+                out.append(
+                    MountInfo(
+                        layer_id, names, daemon.path, count, daemon.pid, state, daemon.read_write
+                    )
+                )
         for info in out:
             if info.state == "hung":
                 log.warning("%s", self._hung(info.pid, info.path))
