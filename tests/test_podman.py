@@ -409,3 +409,26 @@ def test_containers_print_the_same(stores: Stores) -> None:
     assert ours.outputs == kernel.outputs
     assert "hello from layerfs" in ours.outputs[0]
     assert "rc  hello-layerfs" in ours.outputs[2]  # removed, its conffile kept
+
+
+def test_image_mount_through_layerfs_overlay(stores: Stores, tmp_path: Path) -> None:
+    """``podman image mount`` runs the mount program read-only (``lowerdir=TOP:...`` only):
+    the view shows what kernel overlay shows of the same image, canonicalised."""
+    ours = stores.outcomes["ours"].podman
+    path = ours.run("image", "mount", "step2").strip()
+    try:
+        with open("/proc/self/mountinfo") as f:
+            fstype = next(ln.split(" - ")[1].split()[0] for ln in f if ln.split()[4] == path)
+        assert fstype.startswith("fuse")
+        got = snapshot(path)
+    finally:
+        ours.run("image", "unmount", "step2")
+    for clocked in CLOCK_FILES:
+        got[clocked]["data"] = None
+    want = _tree(stores, "ours-step2", tmp_path / "canonical")
+    # the canonical copy went through a layer tar (whole-second mtimes) and the naive
+    # differ (directories whose only change is their mtime left out)
+    for snap in (got, want):
+        for record in snap.values():
+            record["mtime"] = None if record["type"] == stat.S_IFDIR else record["mtime"] // 10**9
+    assert_same_tree(got, want, ignore=("root_mtime",), dir_nlink=False)
