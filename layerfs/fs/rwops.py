@@ -56,13 +56,17 @@ from layerfs.overlayfmt import (
     WhiteoutFormat,
     check_format,
     is_hidden_xattr,
+    is_upper_whiteout,
     is_write_internal_xattr,
 )
 
 log = logging.getLogger(__name__)
 
-TIMEOUT = 1.0
-"""Entry and attribute timeout (seconds), as fuse-overlayfs's default."""
+TIMEOUT = 1e6
+"""Entry, attribute and negative-entry timeout (seconds). This daemon is the upper dir's only
+writer and every change passes through the mount, so the kernel's caches stay right: it
+updates them itself on create/unlink/rename/link/setattr from the replies, and copy-up, whiteouts
+and opaque dirs change nothing a cached attribute shows (inode numbers are kept)."""
 
 THREAD_COPY_BYTES = 1 << 20
 """Copy-ups of files at least this big run in a worker thread."""
@@ -120,6 +124,26 @@ class _Handle:
         self.gen = node.gen
 
 
+class _Mutex:
+    """``async with`` lock that costs no trip through the scheduler when it is free (most
+    mutations never await, so it is almost always free): trio's ``Lock.acquire`` always
+    checkpoints, which doubled the loop iterations per request."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    async def __aenter__(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 def _join(prel: bytes, name: bytes) -> bytes:
     return prel + b"/" + name if prel else name
 
@@ -165,7 +189,7 @@ class RWOperations(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._dirs: dict[int, tuple[Node, list[bytes] | None]] = {}
         self._next_fh = 1
-        self._mutation: trio.Lock | None = None
+        self._mutation = _Mutex()
         self._negative = pyfuse3.EntryAttributes()
         self._negative.st_ino = 0
         self._negative.entry_timeout = TIMEOUT
@@ -188,10 +212,8 @@ class RWOperations(pyfuse3.Operations):
             log.error("%s %s: unexpected %s", handler, subject, type(e).__name__, exc_info=e)
 
     @property
-    def mutation(self) -> trio.Lock:
-        """The lock every mutation holds (created inside the trio run)."""
-        if self._mutation is None:
-            self._mutation = trio.Lock()
+    def mutation(self) -> _Mutex:
+        """The lock every mutation holds."""
         return self._mutation
 
     # -- inode numbers and attributes ------------------------------------------------------
@@ -250,7 +272,7 @@ class RWOperations(pyfuse3.Operations):
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         for rel in node.paths:
-            st, wh = self.up.entry(rel)
+            st, wh = self.up.entry(rel, by_name=False)
             if st is not None:
                 merged = stat.S_ISDIR(st.st_mode) and node.lower is not None
                 return self._ea_of_stat(node.ino, st, merged)
@@ -290,9 +312,11 @@ class RWOperations(pyfuse3.Operations):
         if self.fmt == "aufs" and name.startswith(WH_PREFIX):
             return None
         lo = self._child_lower(pnode, name)
-        st, wh = self.up.entry(rel)
-        if wh:
+        st = self.up.lstat(rel)
+        if st is not None and is_upper_whiteout(self.fmt, name, st.st_mode, st.st_rdev):
             return None
+        if (st is not None or lo is not None) and self.up.whiteout_by_name(rel):
+            return None  # (a name in neither layer needs no look for ``.wh.NAME``)
         if st is not None:
             merged = None
             if stat.S_ISDIR(st.st_mode) and self._lower_is_dir(lo) and not self.up.is_opaque(rel):

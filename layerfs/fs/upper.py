@@ -157,12 +157,15 @@ class Upper:
         sib = (head + b"/" if head else b"") + WH_PREFIX + name
         return self.lstat(sib) is not None
 
-    def entry(self, rel: bytes) -> tuple[os.stat_result | None, bool]:
-        """(the upper entry at *rel*, or None; True if *rel* is whited out in the upper)."""
+    def entry(self, rel: bytes, by_name: bool = True) -> tuple[os.stat_result | None, bool]:
+        """(the upper entry at *rel*, or None; True if *rel* is whited out in the upper).
+        Without *by_name* an aufs ``.wh.NAME`` beside it is not looked for: the caller knows
+        none can matter (no lower entry and no upper entry there, or an entry already shown:
+        this module never writes ``.wh.NAME`` files, so none appears while mounted)."""
         st = self.lstat(rel)
         if st is not None and is_upper_whiteout(self.fmt, rel, st.st_mode, st.st_rdev):
             return None, True
-        if self.whiteout_by_name(rel):
+        if by_name and self.whiteout_by_name(rel):
             return None, True
         return st, False
 
