@@ -433,6 +433,7 @@ def _mount(store: Store, args: argparse.Namespace) -> int:
         allow_other=args.allow_other,
         for_container=args.for_container,
         debug=args.debug,
+        read_write=args.read_write,
     )
     if args.json:
         _print_json({"id": layer_id, "mountpoint": path, "count": count})
@@ -446,13 +447,17 @@ def _mount_foreground(store: Store, manager: Any, args: argparse.Namespace) -> i
     from layerfs.fs import daemon
 
     layer_id = manager.resolve(args.target)
-    chain = store.chain(layer_id)
+    plan = manager.plan(layer_id, args.read_write)
+    lowers = [store.diff_dir(i) for i in plan.lowers]
     path = os.path.abspath(args.mountpoint or store.merged_dir(layer_id))
-    manager._check_mountpoint(path, [store.diff_dir(la.id) for la in chain])
+    manager._check_mountpoint(path, lowers + ([plan.upper] if plan.upper else []))
     manager._make_dir(path, created_parents=args.mountpoint is None)
-    argv = [path, *(store.diff_dir(la.id) for la in chain), "--foreground"]
-    for layer in chain:
-        argv += ["--layer-id", layer.id]
+    argv = [path, *lowers, "--foreground"]
+    for lower_id in plan.lowers:
+        argv += ["--layer-id", lower_id]
+    if plan.upper is not None and plan.work is not None:
+        argv += ["--upper", plan.upper, "--work", plan.work]
+    argv += ["--whiteout-format", store.whiteout_format()]
     if args.allow_other:
         argv.append("--allow-other")
     if args.for_container:
@@ -503,6 +508,7 @@ def _ps(store: Store, args: argparse.Namespace) -> int:
                     "count": v.count,
                     "pid": v.pid,
                     "state": v.state,
+                    "read_write": v.read_write,
                 }
                 for v in views
             ]
@@ -753,7 +759,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", "-n", help="image name (default: from the source)")
     p.add_argument("source")
 
-    p = add("mount", "mount a layer's or image's union view (read-only) and print where")
+    p = add("mount", "mount a layer's or image's union view and print where")
+    access = p.add_mutually_exclusive_group()
+    access.add_argument(
+        "--rw",
+        dest="read_write",
+        action="store_const",
+        const=True,
+        help="read-write (the default for a container's or --writeable layer; else refused)",
+    )
+    access.add_argument(
+        "--ro",
+        dest="read_write",
+        action="store_const",
+        const=False,
+        help="read-only, also for a writable layer (then a private view Go never sees)",
+    )
     p.add_argument("--for-container", action="store_true", help="keep suid/dev for a runtime")
     p.add_argument("--allow-other", action="store_true", help="let other users in")
     p.add_argument("--foreground", action="store_true", help="run the daemon here, with logs")

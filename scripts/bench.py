@@ -890,6 +890,7 @@ def main() -> int:
     )
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--plot", metavar="FILE.png")
+    ap.add_argument("--no-writes", action="store_true", help="skip the writable workloads")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print(
@@ -935,6 +936,11 @@ def main() -> int:
         bench.cleanup()
     summary = summarize(bench.results)
     text, targets = report(bench, summary, args)
+    if not args.no_writes:  # writable views: scripts/bench_writes.py
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_writes
+
+        text += "\n\n" + bench_writes.run(args.workdir, quick=args.quick, log=log)[0]
     text += f"\n(total run time {time.perf_counter() - t0:.0f} s)"
     print(text)
     if args.json:

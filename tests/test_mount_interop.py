@@ -251,17 +251,18 @@ def test_a_view_is_not_shared_with_other_options(
 def test_a_container_layer_gets_a_view_go_never_hands_out(
     cli: LayerfsCLI, go: GoTool, chain: dict[str, str], paths: StorePaths
 ) -> None:
-    """A container's writable layer viewed by layerfs is not recorded where Go would reuse
-    it: Go's mount of the container is its own writable overlay, never our read-only view."""
+    """A container's writable layer viewed read-only by layerfs (``--ro``) is not recorded
+    where Go would reuse it: Go's mount of the container is its own writable overlay, never
+    our read-only view."""
     go.run("create-image", "-n", "img", chain["top"])
     ctr = go.out("create-container", "img").split()[0]
     layer = json.loads(go.out("container", "--json", ctr))[0]["layer"]
-    view = cli.out("mount", layer).strip()
+    view = cli.out("mount", "--ro", layer).strip()
     try:
         assert view == os.path.join(paths.runroot, "layerfs", "views", layer)
         assert sorted(os.listdir(view)) == ["b", "d"]
         assert recorded(paths) == {}  # nothing for Go to reuse
-        assert cli.out("mount", layer).strip() == view  # layerfs users share it
+        assert cli.out("mount", "--ro", layer).strip() == view  # layerfs users share it
         assert cli.out("mounted", layer).strip() == "2"
         assert [(v["mountpoint"], v["count"], v["state"]) for v in ps(cli)] == [
             (view, 2, "private")

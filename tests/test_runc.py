@@ -1,4 +1,5 @@
-"""runc runs a real container whose root filesystem is a layerfs view (--for-container)."""
+"""runc runs a real container whose root filesystem is a layerfs view (--for-container):
+read-only for an image's layers, read-write for a writable layer."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LayerfsCLI, require_root, require_tool
+from conftest import LayerfsCLI, StorePaths, require_root, require_tool
+from fs_helpers import HIDDEN_XATTR_PREFIXES, assert_same_tree, kernel_overlay, snapshot
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -105,3 +107,64 @@ def test_runc_runs_a_container_on_a_layerfs_view(cli: LayerfsCLI, tmp_path: Path
         subprocess.run([runc, "delete", "--force", container], capture_output=True)
         cli.run("unmount", "bb-top", check=False)
         shutil.rmtree(bundle, ignore_errors=True)
+
+
+def test_runc_writes_through_a_read_write_layerfs_mount(
+    cli: LayerfsCLI, paths: StorePaths, tmp_path: Path
+) -> None:
+    """A container on a read-write ``layerfs mount`` of a writable layer writes, deletes a
+    lower file and renames a lower directory; after unmount the layer's upper dir holds
+    exactly that (kernel overlay of the dirs shows the tree the view showed)."""
+    require_root()
+    runc = require_tool("runc")
+    cli.run("import-layer", "--name", "bb-base", input=_busybox_base())
+    cli.run(
+        "import-layer",
+        "--name",
+        "bb-mid",
+        "--parent",
+        "bb-base",
+        input=_layer(
+            [
+                ("data/sub", "d", None, 0o755),
+                ("data/sub/from-mid", "f", b"middle layer\n", 0o644),
+            ]
+        ),
+    )
+    layer = cli.out("create-layer", "--writeable", "--name", "bb-ctr", "bb-mid").split()[0]
+    rootfs = cli.out("mount", "--for-container", "bb-ctr").strip()
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    container = f"layerfs-rw-test-{os.getpid()}"
+    try:
+        subprocess.run([runc, "spec", "--bundle", str(bundle)], check=True)
+        spec_path = bundle / "config.json"
+        spec = json.loads(spec_path.read_text())
+        spec["root"] = {"path": rootfs, "readonly": False}
+        spec["process"]["terminal"] = False
+        spec["process"]["args"] = [
+            "sh",
+            "-c",
+            "echo written > /etc/written && rm /etc/deleted && mv /data/sub /data/moved"
+            " && echo more >> /etc/from-base && cat /data/moved/from-mid && echo ok",
+        ]
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run(
+            [runc, "run", "--bundle", str(bundle), container],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines() == ["middle layer", "ok"]
+        view = snapshot(rootfs)
+    finally:
+        subprocess.run([runc, "delete", "--force", container], capture_output=True)
+        cli.run("unmount", "bb-ctr", check=False)
+        shutil.rmtree(bundle, ignore_errors=True)
+    store = paths.store()
+    with kernel_overlay([store.diff_dir(la.id) for la in store.chain(layer)], tmp_path / "k") as k:
+        on_disk = snapshot(k, (*HIDDEN_XATTR_PREFIXES, b"trusted.layerfs."))
+    assert_same_tree(on_disk, view)
+    assert "data/sub" not in on_disk and "etc/deleted" not in on_disk
+    assert on_disk["data/moved/from-mid"]["size"] == len(b"middle layer\n")

@@ -7,19 +7,32 @@ to its count and returns its path, as Go does. What Go's records cannot hold —
 pid and the options it was started with — is kept beside them in
 ``<runroot>/layerfs/daemons/<id>.json`` (:mod:`layerfs.store.pending`).
 
-Two kinds of layerfs view:
+A layer is **writable** when Go's ``containers.json`` names it as a container's layer, or
+its record carries the flag ``layerfs.writeable`` (``create-layer --writeable``; Go keeps
+the flag on every rewrite). ``mount`` of a writable layer is read-write unless asked
+``read_write=False``; any other layer mounts read-only, and asking it read-write is refused.
 
-- **shared** (every other layer): recorded in ``mountpoints.json``
+Three kinds of layerfs view:
+
+- **shared read-only** (a layer that is not writable): recorded in ``mountpoints.json``
   at ``<root>/overlay/<id>/merged`` or a given mount point; Go's ``mount`` of the layer
   returns it and counts it.
-- **private** (a container's writable layer, as Go's ``containers.json`` names it): Go's
-  ``mount`` of the container would hand a recorded view to it as its root file system, and
-  ours is read-only, so the view is never written to ``mountpoints.json``; its count is kept
-  in the daemon record and its default mount point is ``<runroot>/layerfs/views/<id>``.
-  Go's own mount of the layer (a writable kernel overlay at ``merged``) is independent.
+- **read-write** (a writable layer): lowers = the parent chain, upper = the layer's
+  ``diff/``, work = its ``work/`` (Go's overlay layout), whiteouts in the store's format.
+  Recorded in ``mountpoints.json`` like a shared view, at ``merged`` by default, because
+  Go's ``mount`` of the layer is a read-write kernel overlay on the same upper: recorded,
+  Go shares our view (count + 1) instead of mounting a second writer. In the other order a
+  live Go mount is shared the same way. There is never more than one writer on an upper.
+- **private read-only** (a writable layer asked read-only): Go's ``mount`` would hand a
+  recorded view to a container as its writable root, so the view is never written to
+  ``mountpoints.json``; its count is kept in the daemon record and its default mount point
+  is ``<runroot>/layerfs/views/<id>``. Go's own mount of the layer is independent (it is the
+  one writer; the private view reads the upper live). A read-write request while our
+  private view lives, or the reverse, is refused (one daemon per layer).
 
-A view is only shared with a request that asks for the same options (``--for-container``,
-``--allow-other``); a different request is refused, naming the live options.
+A view is only shared with a request that asks for the same options (read-write or not,
+``--for-container``, ``--allow-other``); a different request is refused, naming the live
+options.
 
 Locks, outermost first:
 1. ``<runroot>/layerfs/locks/<id>.lock`` — a ``filelock`` (``flock``) lock that only layerfs
@@ -61,6 +74,7 @@ from layerfs.store.layers import Store
 from layerfs.store.lockfile import LockFile
 from layerfs.store.mounts import MountRecord
 from layerfs.store.pending import DaemonRecord
+from layerfs.store.record import WRITEABLE_FLAG
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +91,28 @@ class MountInfo:
     count: int
     pid: int | None
     state: str  # "live", "private", "untracked" (Go dropped its record), "hung", "hidden"
+    read_write: bool = False  # the view writes into the layer (ours, or Go's kernel overlay)
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """What a new view of one layer is made of.
+
+    ``lowers``: the read-only layers, top first (the whole chain for a read-only view, the
+    parent chain for a read-write one, possibly empty); ``upper``/``work``: the layer's
+    ``diff/`` and ``work/`` for a read-write view, else None; ``private``: a read-only view
+    of a writable layer, never recorded in ``mountpoints.json``.
+    """
+
+    layer_id: str
+    lowers: tuple[str, ...]  # layer ids, top first
+    upper: str | None
+    work: str | None
+    private: bool
+
+    @property
+    def read_write(self) -> bool:
+        return self.upper is not None
 
 
 @dataclass
@@ -130,6 +166,43 @@ class MountManager:
         if not top:
             raise LayerUnknownError(target, "no layer or image has this name or id")
         return self.store.get(top).id
+
+    def writable(self, layer_id: str) -> bool:
+        """True for a container's layer (Go's ``containers.json``) or a layer flagged
+        ``layerfs.writeable``. Reads the records without holding a lock (each file is
+        replaced atomically)."""
+        if layer_id in pending.container_layers(self.store.root):
+            return True
+        return self.store.get(layer_id).flags.get(WRITEABLE_FLAG) is True
+
+    def plan(self, layer_id: str, read_write: bool | None = None) -> ViewPlan:
+        """The view ``mount`` makes of a layer: read-write when the layer is writable and
+        *read_write* is not False. Raises InvalidArgumentError for a read-write request of a
+        layer that is not writable or has child layers (their views would change under them).
+        """
+        writable = self.writable(layer_id)
+        rw = writable if read_write is None else read_write
+        chain = self.store.chain(layer_id)
+        if not rw:
+            return ViewPlan(layer_id, tuple(la.id for la in chain), None, None, writable)
+        if not writable:
+            raise InvalidArgumentError(
+                f'layer "{layer_id}" is not writable: only a container\'s layer or one made with '
+                "`create-layer --writeable` mounts read-write (mount it without --rw to read it)"
+            )
+        children = [la.id for la in self.store.layers() if la.parent == layer_id]
+        if children:
+            raise InvalidArgumentError(
+                f'layer "{layer_id}" has child layers ({children[0]}); writing it would change '
+                "their views: mount it with --ro"
+            )
+        return ViewPlan(
+            layer_id,
+            tuple(la.id for la in chain[1:]),
+            self.store.diff_dir(layer_id),
+            self.store.work_dir(layer_id),
+            False,
+        )
 
     def _by_path(self, target: str) -> str | None:
         """The layer whose view (recorded by Go or by us) is at the path *target*."""
@@ -291,49 +364,72 @@ class MountManager:
         allow_other: bool = False,
         for_container: bool = False,
         debug: bool = False,
+        read_write: bool | None = None,
     ) -> tuple[str, str, int]:
-        """Mount (or add a user to) the layer's view. Returns (layer id, path, count)."""
+        """Mount (or add a user to) the layer's view. Returns (layer id, path, count).
+
+        *read_write*: None mounts a writable layer read-write and any other read-only; True
+        insists on read-write (refused for a layer that is not writable); False asks for a
+        read-only view (private for a writable layer)."""
         layer_id = self.resolve(target)
-        private = layer_id in pending.container_layers(self.store.root)
-        wanted = DaemonRecord(layer_id, 0, "", for_container=for_container, allow_other=allow_other)
+        plan = self.plan(layer_id, read_write)
+        private = plan.private
+        wanted = DaemonRecord(
+            layer_id,
+            0,
+            "",
+            for_container=for_container,
+            allow_other=allow_other,
+            read_write=plan.read_write,
+        )
         with self._layer_lock(layer_id):
             view = self._repair(layer_id)
             reused = self._reuse(layer_id, view, mountpoint, wanted, private)
             if reused is not None:
                 return layer_id, reused[0], reused[1]
-            chain = self.store.chain(layer_id)
-            diff_dirs = [self.store.diff_dir(la.id) for la in chain]
+            lowers = [self.store.get(i) for i in plan.lowers]
+            diff_dirs = [self.store.diff_dir(la.id) for la in lowers]
+            own_dirs = diff_dirs + ([plan.upper] if plan.upper else [])
             default = (
                 os.path.join(self.views_dir, layer_id)
                 if private
                 else self.store.merged_dir(layer_id)
             )
             path = normalize(mountpoint or default)
-            self._check_mountpoint(path, diff_dirs)
+            self._check_mountpoint(path, own_dirs)
             self._make_dir(path, created_parents=mountpoint is None)
             if path.startswith(self.store.overlay_home() + os.sep):
                 self._private_home()
             os.makedirs(self.logs_dir, mode=0o700, exist_ok=True)
+            if plan.work is not None:
+                os.makedirs(plan.work, mode=0o700, exist_ok=True)
             wanted.path, wanted.go_visible = path, not private
             with self._counts() as table:
                 # under layers.lock: a delete either finished (dirs gone) or must now see
                 # this pending record (the layer lock is held) and refuse
-                if not all(os.path.isdir(d) for d in diff_dirs):
+                if not all(os.path.isdir(d) for d in own_dirs):
                     raise LayerUnknownError(layer_id, "deleted while being mounted")
                 self._save_daemon(wanted)  # pid 0 until the daemon is ready
                 if not private:
                     table[layer_id] = MountRecord(layer_id, path, 1)
+            if plan.read_write:
+                # the upper changes under the view: its persisted index must never be used
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.store.layer_dir(layer_id), INDEX_FILE))
             try:
                 pid = fuse_mount.spawn_daemon(
                     diff_dirs,
-                    [la.id for la in chain],
+                    [la.id for la in lowers],
                     path,
-                    pins=chain_pins(self.store, chain),
+                    pins=chain_pins(self.store, lowers),
                     whiteout_format=self.store.whiteout_format(),
                     log_path=os.path.join(self.logs_dir, f"{layer_id}.log"),
                     allow_other=allow_other,
                     for_container=for_container,
                     debug=debug,
+                    upper_dir=plan.upper,
+                    work_dir=plan.work,
+                    upper_layer_id=layer_id if plan.read_write else None,
                 )
             except BaseException:
                 with self._counts() as table:
@@ -365,7 +461,8 @@ class MountManager:
                 )
 
         def same_options(live: DaemonRecord) -> None:
-            if (live.for_container, live.allow_other) != (
+            if (live.read_write, live.for_container, live.allow_other) != (
+                wanted.read_write,
                 wanted.for_container,
                 wanted.allow_other,
             ):
@@ -392,12 +489,22 @@ class MountManager:
             self._save_daemon(live)
             return live.path, live.count
         if private:
+            if live is not None:
+                same_options(live)  # our read-write view: one daemon per layer
             return None  # a recorded view (Go's writable mount) is never handed out here
         if record is not None:
             same_place(record.path)
             if live is not None and view.daemon_state == "at-record":
                 same_options(live)
-            # else Go's kernel overlay: it keeps set-id bits and devices and lets anyone in
+            elif wanted.read_write and "ro" in self._mount_options(record.path):
+                # (containers-storage 1.43 ignores `mount -o ro` of a layer; newer ones mount
+                # it lowerdir-only, which cannot take writes)
+                raise MountError(
+                    f'layer "{layer_id}" is mounted read-only at {record.path} by another '
+                    "tool; unmount it before mounting it read-write"
+                )
+            # else Go's kernel overlay (read-write on the same upper, or a mount program's):
+            # it keeps set-id bits and devices and lets anyone in; it is the one writer
             with self._counts() as table:
                 now = table.get(layer_id)
                 if now is None or now.path != record.path:
@@ -414,6 +521,12 @@ class MountManager:
                 table[layer_id] = MountRecord(layer_id, live.path, 1)
             return live.path, 1
         return None
+
+    @staticmethod
+    def _mount_options(path: str) -> tuple[str, ...]:
+        """The mount's and its file system's options from mountinfo (never stats *path*)."""
+        entry = entry_at(path)
+        return () if entry is None else entry.options + entry.super_options
 
     def _make_dir(self, path: str, *, created_parents: bool) -> None:
         parent = os.path.dirname(path)
@@ -610,13 +723,21 @@ class MountManager:
             if record is not None:
                 pid = self._daemon_pid(layer_id, record.path)
                 state = view.record_state if view.record_state in ("hung", "hidden") else "live"
-                out.append(MountInfo(layer_id, names, record.path, record.count, pid, state))
+                if view.daemon_state == "at-record" and daemon is not None:
+                    rw = daemon.read_write
+                else:  # Go's mount (kernel overlay or its mount program)
+                    rw = "ro" not in self._mount_options(record.path)
+                out.append(MountInfo(layer_id, names, record.path, record.count, pid, state, rw))
             if daemon is not None and view.daemon_state in ("live", "hung", "hidden"):
                 count = 0 if daemon.go_visible else daemon.count
                 state = view.daemon_state
                 if state == "live":
                     state = "untracked" if daemon.go_visible else "private"
-                out.append(MountInfo(layer_id, names, daemon.path, count, daemon.pid, state))
+                out.append(
+                    MountInfo(
+                        layer_id, names, daemon.path, count, daemon.pid, state, daemon.read_write
+                    )
+                )
         for info in out:
             if info.state == "hung":
                 log.warning("%s", self._hung(info.pid, info.path))

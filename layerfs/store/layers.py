@@ -71,6 +71,7 @@ from layerfs.store.mounts import MountRecord, MountTable
 from layerfs.store.overlay import DRIVER, OverlayLayout, remove_tree
 from layerfs.store.record import (
     INCOMPLETE_FLAG,
+    WRITEABLE_FLAG,
     Layer,
     decode_layers,
     encode_layers,
@@ -476,8 +477,9 @@ class Store:
 
         ``populate(layer, lower_diff_dirs)`` runs with the record saved as incomplete and the
         directories made; it may return record fields to set (digests, sizes, uid/gid sets).
-        If it raises, the layer is removed again and the error propagates. ``writeable`` is
-        recorded for later use by the writable view; the overlay layout is the same.
+        If it raises, the layer is removed again and the error propagates. ``writeable``
+        sets the record flag :data:`WRITEABLE_FLAG` (Go keeps unknown flags on every rewrite),
+        which makes ``layerfs mount`` of the layer read-write; the overlay layout is the same.
         """
         wanted = list(dict.fromkeys(names))
         for name in wanted:
@@ -487,7 +489,6 @@ class Store:
             raise InvalidArgumentError(
                 f'"{layer_id}" is not a valid layer id (letters, digits, "_", "." and "-")'
             )
-        del writeable  # same on-disk layout; the writable view uses work/ when it lands
         with self._writing() as held:
             if layer_id is None:
                 layer_id = new_layer_id()
@@ -511,7 +512,7 @@ class Store:
                 parent=parent_layer.id if parent_layer else "",
                 metadata=metadata,
                 created=format_created(time.time_ns()),
-                flags={INCOMPLETE_FLAG: True},
+                flags={INCOMPLETE_FLAG: True, **({WRITEABLE_FLAG: True} if writeable else {})},
             )
             self._records.add(layer, volatile=volatile)
             self._save_for(held, layer)

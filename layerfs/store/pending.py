@@ -75,7 +75,9 @@ class DaemonRecord:
     """A daemon layerfs started for one layer's view.
 
     ``go_visible``: the view's count is in ``mountpoints.json`` (Go shares it); otherwise
-    the view is private to layerfs and ``count`` here is its count.
+    the view is private to layerfs and ``count`` here is its count. ``read_write``: the view
+    writes into the layer's ``diff/`` (its upper dir); such a view is always ``go_visible``,
+    so that Go's ``mount`` of the layer shares it instead of mounting a second writer.
     """
 
     layer_id: str
@@ -85,11 +87,13 @@ class DaemonRecord:
     allow_other: bool = False
     go_visible: bool = True
     count: int = 1
+    read_write: bool = False
     started: float = field(default_factory=time.time)
 
     def options(self) -> str:
         """The live options as a person reads them."""
-        opts = ["suid,dev (for a container)" if self.for_container else "nosuid,nodev"]
+        opts = ["read-write" if self.read_write else "read-only"]
+        opts.append("suid,dev (for a container)" if self.for_container else "nosuid,nodev")
         if self.allow_other:
             opts.append("allow_other")
         return ", ".join(opts)
@@ -107,7 +111,8 @@ def read_daemon(runroot: str, layer_id: str) -> DaemonRecord | None:
         return None
     pid, path, count = raw.get("pid"), raw.get("path"), raw.get("count", 1)
     started = raw.get("started", 0)
-    flags = [raw.get(k, k == "go_visible") for k in ("for_container", "allow_other", "go_visible")]
+    keys = ("for_container", "allow_other", "go_visible", "read_write")
+    flags = [raw.get(k, k == "go_visible") for k in keys]
     if (
         not _is_int(pid)
         or not 0 <= pid <= _PID_MAX
@@ -130,6 +135,7 @@ def read_daemon(runroot: str, layer_id: str) -> DaemonRecord | None:
         for_container=flags[0],
         allow_other=flags[1],
         go_visible=flags[2],
+        read_write=flags[3],
         count=count,
         started=float(started),
     )
@@ -152,6 +158,7 @@ def write_daemon(runroot: str, record: DaemonRecord) -> None:
         "for_container": record.for_container,
         "allow_other": record.allow_other,
         "go_visible": record.go_visible,
+        "read_write": record.read_write,
         "count": record.count,
         "started": record.started,
     }

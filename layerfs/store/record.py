@@ -44,6 +44,9 @@ RECORD_KEYS: tuple[str, ...] = (
 
 #: The flag containers/storage sets while a layer is being created or deleted.
 INCOMPLETE_FLAG = "incomplete"
+WRITEABLE_FLAG = "layerfs.writeable"
+"""Record flag of a layer made with ``create-layer --writeable``: ``layerfs mount`` of it is
+read-write. containers-storage keeps flags it does not know on every rewrite of the record."""
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
 
