@@ -144,6 +144,23 @@ def _stderr_captured() -> Iterator[list[str]]:
             lines.extend(ln.strip() for ln in text.splitlines() if ln.strip())
 
 
+def log_pyfuse3_features(ops: UnionOperations) -> None:
+    """One line at start-up: whether the kernel caches are on (the patched pyfuse3) or not."""
+    version = getattr(pyfuse3, "__version__", "?")
+    missing = ops.features.missing
+    if not missing:
+        log.info("pyfuse3 %s: kernel readdir and symlink caches, zero-message open", version)
+    elif ops.kernel_caching:
+        log.info(
+            "pyfuse3 %s without the layerfs patches (no %s): every open, listing and readlink"
+            " is a request (slower; scripts/setup builds the patched pyfuse3)",
+            version,
+            ", ".join(missing),
+        )
+    else:
+        log.info("pyfuse3 %s: kernel caching off for this view", version)
+
+
 def init_fuse(ops: UnionOperations, mountpoint: str, options: set[str]) -> None:
     """``pyfuse3.init`` with libfuse's own complaint as the error (MountSetupError)."""
     with _stderr_captured() as said:
@@ -255,6 +272,7 @@ def serve(
         )
         stage = "mount"
         ops = UnionOperations(index, layer_ids)
+        log_pyfuse3_features(ops)
         init_fuse(ops, mountpoint, mount_options(allow_other, for_container))
     except Exception as e:
         msg = failure_message(stage, mountpoint, e)
