@@ -96,7 +96,8 @@ class RequestCounter:
             text = f.read()
         m = _ENTRIES.search(text)
         if m and m.group(1) != m.group(2):
-            raise RuntimeError(f"trace buffer overflowed ({m.group(1)}/{m.group(2)} kept)")
+            kept, written = int(m.group(1)), int(m.group(2))
+            raise RuntimeError(f"trace buffer overflowed ({kept} of {written} events kept)")
         counts: Counter[str] = Counter()
         for name in _LINE.findall(text):
             counts[name.decode().removeprefix("FUSE_")] += 1
