@@ -13,7 +13,8 @@ import select
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,12 +57,18 @@ def test_the_daemon_logs_which_pyfuse3_it_runs(chain: list[str], tmp_path: Path)
     assert "kernel readdir and symlink caches, zero-message open" in lines[0]
 
 
+def least(runs: Iterable[Counter[str]]) -> Counter[str]:
+    """The run with the fewest requests: a ``drop_caches`` by another process on the machine
+    can empty the kernel's caches between two runs, never make a run send fewer requests."""
+    return min(runs, key=lambda c: sum(c.values()))
+
+
 def test_warm_walk_and_read_all_send_no_requests(chain: list[str], tmp_path: Path) -> None:
     with layerfs_mount(chain, tmp_path / "mnt") as m:
         cold_walk = counted(m.path, walk)
-        warm_walk = counted(m.path, walk)
+        warm_walk = least(counted(m.path, walk) for _ in range(3))
         cold_read = counted(m.path, read_all)
-        warm_read = counted(m.path, read_all)
+        warm_read = least(counted(m.path, read_all) for _ in range(3))
     # the counter sees the cold traffic: listings and symlink targets, file data
     assert cold_walk["READDIRPLUS"] > 0 and cold_walk["READLINK"] > 0, cold_walk
     assert cold_read["READ"] > 0, cold_read
