@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Daemon micro-benchmarks (root): metadata latency under cold reads, warm tree walks, RSS.
+"""Daemon micro-benchmarks (root): metadata latency under cold reads, warm tree walks, RSS,
+daemon CPU per request, FUSE request counts.
 
     scripts/bench_daemon.py WORKDIR [--files N] [--big-mib M] [--seconds S] [--only W,...]
+                                    [--calls N] [--pin CPU]
 
 Builds (once, reused) a two-layer chain under WORKDIR: N small files in directories of 100
 plus, in the bottom layer, one file of M MiB for random reads. Then, on a fresh layerfs mount:
@@ -12,7 +14,15 @@ plus, in the bottom layer, one file of M MiB for random reads. Then, on a fresh 
   readahead hides the disk); ``reader_reads`` is how many reads that process completed;
 * ``tree``: warm ``tar -cf - . | cat``, ``find`` and ``ls -laR`` (each run once cold to prime,
   then timed warm, median of 3);
-* ``rss``: the daemon's VmRSS after one full ``find`` (and that find's time, cold and warm).
+* ``rss``: the daemon's VmRSS after one full ``find`` (and that find's time, cold and warm);
+* ``cpu``: daemon CPU per uncached request: ``--calls`` (100k) ``lgetxattr`` calls on one file
+  (FUSE never caches xattrs, so each is one request), the daemon's utime+stime from
+  ``/proc/PID/stat`` divided by the requests the kernel sent (counted by the tracepoint);
+* ``requests``: FUSE requests (``fuse:fuse_request_send`` tracepoint, by opcode) of each tree
+  workload, cold and warm.
+
+``--pin CPU`` runs this process, its children and every daemon thread on that one CPU (far
+steadier on a shared VM; it also shows the cost of the client/daemon hand-over).
 
 The daemon imported is the ``layerfs`` found first on PYTHONPATH, so the same script measures
 two checkouts. Prints one JSON object.
@@ -21,6 +31,8 @@ two checkouts. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import random
@@ -32,6 +44,15 @@ import time
 from typing import Any
 
 from layerfs.fs.mount import spawn_daemon, unmount
+
+# fusetrace from this checkout, whichever layerfs is measured (an older one may not have it)
+_ft_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "layerfs")
+_ft_spec = importlib.util.spec_from_file_location(
+    "bench_fusetrace", os.path.join(_ft_path, "fs", "fusetrace.py")
+)
+assert _ft_spec is not None and _ft_spec.loader is not None
+fusetrace = importlib.util.module_from_spec(_ft_spec)
+_ft_spec.loader.exec_module(fusetrace)
 
 
 def drop_caches() -> None:
@@ -158,22 +179,76 @@ def rss(mnt: str, pid: int) -> dict[str, float]:
     }
 
 
+def pin_threads(pid: int, cpu: int) -> None:
+    """Put every thread of *pid* on *cpu* (threads started later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), {cpu})
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of process *pid* (all its threads), in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+
+
+def cpu(mnt: str, pid: int, calls: int) -> dict[str, Any]:
+    target = os.path.join(mnt, "d0000", "f000000")
+    for _ in range(1000):  # warm the path and the daemon
+        os.getxattr(target, "user.bench", follow_symlinks=False)
+    with fusetrace.RequestCounter(mnt) as rc:
+        rc.start()
+        t0, c0 = time.perf_counter(), cpu_ticks(pid)
+        for _ in range(calls):
+            os.getxattr(target, "user.bench", follow_symlinks=False)
+        wall, ticks = time.perf_counter() - t0, cpu_ticks(pid) - c0
+        counts = rc.stop()
+    requests = sum(counts.values())
+    per_s = os.sysconf("SC_CLK_TCK")
+    return {
+        "calls": calls,
+        "requests": requests,
+        "daemon_cpu_us_per_request": round(ticks / per_s / max(requests, 1) * 1e6, 2),
+        "wall_us_per_call": round(wall / calls * 1e6, 2),
+    }
+
+
+def requests(mnt: str) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for name, cmd in TREE.items():
+        drop_caches()
+        for phase in ("cold", "warm"):
+            with fusetrace.RequestCounter(mnt) as rc:
+                rc.start()
+                timed(cmd, mnt)
+                counts = rc.stop()
+            out[f"{name} {phase}"] = {"total": sum(counts.values()), **dict(counts.most_common())}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("workdir")
     p.add_argument("--files", type=int, default=20000)
     p.add_argument("--big-mib", type=int, default=2048)
     p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--only", default="meta,tree,rss")
+    p.add_argument("--only", default="meta,tree,rss,cpu,requests")
+    p.add_argument("--calls", type=int, default=100_000, help="lgetxattr calls for cpu")
+    p.add_argument("--pin", type=int, metavar="CPU", help="run client and daemon on this CPU")
     a = p.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     dirs = build(a.workdir, a.files, a.big_mib)
-    result: dict[str, Any] = {"files": a.files}
+    if a.pin is not None:
+        os.sched_setaffinity(0, {a.pin})
+    result: dict[str, Any] = {"files": a.files, "pin": a.pin}
     for what in a.only.split(","):
         mnt = tempfile.mkdtemp(dir=a.workdir, prefix="mnt-")
         log = mnt + ".log"
         drop_caches()
         pid = spawn_daemon(dirs, [], mnt, index_path=None, log_path=log)
+        if a.pin is not None:
+            pin_threads(pid, a.pin)
         try:
             if what == "meta":
                 result["meta"] = meta(mnt, a.seconds)
@@ -181,6 +256,10 @@ def main() -> int:
                 result["tree"] = tree(mnt)
             elif what == "rss":
                 result["rss"] = rss(mnt, pid)
+            elif what == "cpu":
+                result["cpu"] = cpu(mnt, pid, a.calls)
+            elif what == "requests":
+                result["requests"] = requests(mnt)
         finally:
             unmount(mnt, pid)
             os.rmdir(mnt)

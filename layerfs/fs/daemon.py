@@ -147,6 +147,23 @@ def _stderr_captured() -> Iterator[list[str]]:
             lines.extend(ln.strip() for ln in text.splitlines() if ln.strip())
 
 
+def log_pyfuse3_features(ops: UnionOperations) -> None:
+    """One line at start-up: whether the kernel caches are on (the patched pyfuse3) or not."""
+    version = getattr(pyfuse3, "__version__", "?")
+    missing = ops.features.missing
+    if not missing:
+        log.info("pyfuse3 %s: kernel readdir and symlink caches, zero-message open", version)
+    elif ops.kernel_caching:
+        log.info(
+            "pyfuse3 %s without the layerfs patches (no %s): every open, listing and readlink"
+            " is a request (slower; scripts/setup builds the patched pyfuse3)",
+            version,
+            ", ".join(missing),
+        )
+    else:
+        log.info("pyfuse3 %s: kernel caching off for this view", version)
+
+
 def init_fuse(ops: pyfuse3.Operations, mountpoint: str, options: set[str]) -> None:
     """``pyfuse3.init`` with libfuse's own complaint as the error (MountSetupError)."""
     with _stderr_captured() as said:
@@ -281,6 +298,7 @@ def serve(
         else:
             assert index is not None
             ops = UnionOperations(index, layer_ids)
+            log_pyfuse3_features(ops)
         writable = upper_dir is not None
         init_fuse(ops, mountpoint, mount_options(allow_other, for_container, writable))
     except Exception as e:

@@ -8,6 +8,7 @@ import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -15,6 +16,7 @@ import trio
 
 from layerfs.errors import describe_os_error
 from layerfs.fs.backing import BackingOpener
+from layerfs.fs.fdcache import BackingFd, FdCache
 from layerfs.fs.index import HIDDEN_XATTR_PREFIXES, UnionIndex
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,34 @@ def caller_has_sys_admin(pid: int) -> bool:
     except (OSError, ValueError, IndexError):
         return False
     return False
+
+
+@dataclass(frozen=True)
+class Pyfuse3Features:
+    """What the running pyfuse3 can do beyond stock 3.5.0 (layerfs's patch series,
+    ``patches/pyfuse3``). Each is detected from the API the patch adds, never from a version."""
+
+    cache_readdir: bool
+    """``opendir`` may return a FileInfo with ``cache_readdir`` (patch 0001)."""
+    cache_symlinks: bool
+    """``Operations.enable_symlink_caching`` (patch 0002)."""
+    no_open: bool
+    """``Operations.enable_no_open``/``enable_no_opendir``: zero-message open (patch 0003)."""
+
+    @property
+    def missing(self) -> list[str]:
+        """Names of the features this pyfuse3 lacks (empty with the full series)."""
+        names = ("cache_readdir", "cache_symlinks", "no_open")
+        return [n for n in names if not getattr(self, n)]
+
+
+def pyfuse3_features() -> Pyfuse3Features:
+    """Detect the patch series' features in the imported pyfuse3."""
+    return Pyfuse3Features(
+        cache_readdir=hasattr(pyfuse3.FileInfo(), "cache_readdir"),
+        cache_symlinks=hasattr(pyfuse3.Operations, "enable_symlink_caching"),
+        no_open=hasattr(pyfuse3.Operations, "enable_no_open"),
+    )
 
 
 # -- one guard for every handler ------------------------------------------------------------
@@ -115,18 +145,6 @@ def guard_handlers(cls: _C) -> _C:
     return cls
 
 
-class _Handle:
-    """An open file: its inode, the backing fd (-1 until the first read opens it) and the
-    size the index recorded (to tell end of file from a partly cached read)."""
-
-    __slots__ = ("fd", "inode", "size")
-
-    def __init__(self, inode: int, size: int) -> None:
-        self.inode = inode
-        self.fd = -1
-        self.size = size
-
-
 @guard_handlers
 class UnionOperations(pyfuse3.Operations):
     """Translates FUSE requests into answers from a :class:`~layerfs.fs.index.UnionIndex` and
@@ -147,6 +165,19 @@ class UnionOperations(pyfuse3.Operations):
     index on every request and not kept: the kernel caches them for :data:`TIMEOUT`, so a
     per-inode cache here only grew the daemon (545 MB after a ``find`` of 1M entries).
 
+    Kernel caching (with the patched pyfuse3, :func:`pyfuse3_features`; ``kernel_caching``):
+    symlink targets are cached by the kernel (one ``readlink`` per symlink), and open/opendir
+    are zero-message: pyfuse3 answers them itself, the kernel then sends no OPEN, RELEASE,
+    OPENDIR or RELEASEDIR, keeps each file's page cache and each directory's listing. A
+    read-only view never lies by caching: its lowers are immutable while mounted (a changed
+    layer is a new mount, whose kernel caches start empty). With a stock pyfuse3, ``open`` and
+    ``opendir`` are called and listings are re-sent on every open of a directory.
+
+    File handles: the handle of a file or directory is always its inode number (pyfuse3 passes
+    the inode with zero-message open; ``open``/``opendir`` return it otherwise). Backing fds
+    belong to the inode (:class:`~layerfs.fs.fdcache.FdCache`, bounded, closed on ``forget``
+    or when least recently used), opened on the first read.
+
     Concurrency: metadata handlers never await (in-memory answers, atomic with respect to each
     other). Opening a backing file and a read whose data is not in the page cache
     (``RWF_NOWAIT`` says so) run in worker threads bounded by :data:`READ_THREADS`, and the
@@ -162,9 +193,26 @@ class UnionOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = True  # the kernel then enforces POSIX ACLs stored in layers, as overlayfs does
+    kernel_caching = True
+    """Use the patched pyfuse3's kernel caches where present (a read-only view's are never
+    stale); False keeps the stock request pattern (also what a stock pyfuse3 gives)."""
 
-    def __init__(self, index: UnionIndex, layer_ids: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        index: UnionIndex,
+        layer_ids: Sequence[str] | None = None,
+        *,
+        features: Pyfuse3Features | None = None,
+    ) -> None:
         super().__init__()
+        feats = features if features is not None else pyfuse3_features()
+        if not self.kernel_caching:
+            feats = Pyfuse3Features(cache_readdir=False, cache_symlinks=False, no_open=False)
+        self.features = feats
+        # read by the patched pyfuse3 in its init callback; ignored by a stock one
+        self.enable_symlink_caching = feats.cache_symlinks
+        self.enable_no_open = feats.no_open
+        self.enable_no_opendir = feats.no_open
         self.index = index
         n = len(index.diff_dirs)
         ids = list(layer_ids) if layer_ids else []
@@ -173,8 +221,7 @@ class UnionOperations(pyfuse3.Operations):
         self.layer_ids: list[bytes] = [
             os.fsencode(ids[i]) if ids else index.diff_dirs[i] for i in range(n)
         ]
-        self._handles: dict[int, _Handle] = {}
-        self._next_fh = 1
+        self.fds = FdCache()
         self.lookups: dict[int, int] = {}
         self._negative = pyfuse3.EntryAttributes()
         self._negative.st_ino = 0
@@ -198,12 +245,7 @@ class UnionOperations(pyfuse3.Operations):
             return "/"
         if handler == "forget" or not args or not isinstance(args[0], int):
             return "-"
-        ino: int = args[0]
-        if handler in _FILE_FH_HANDLERS:
-            h = self._handles.get(ino)
-            if h is None:
-                return f"file handle {ino}"
-            ino = h.inode
+        ino: int = args[0]  # a file or directory handle is its inode too
         path = self.view_path(ino)
         named = handler in ("lookup", "mknod", "mkdir", "unlink", "rmdir", "symlink", "create")
         if named and len(args) > 1 and isinstance(args[1], bytes):
@@ -290,6 +332,7 @@ class UnionOperations(pyfuse3.Operations):
                 lookups[ino] = left
             else:
                 lookups.pop(ino, None)
+                self.fds.forget(ino)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._entry(inode)
@@ -300,12 +343,15 @@ class UnionOperations(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
 
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> Any:
+        # only called without zero-message opendir (a stock pyfuse3)
         row = self.index.row_of(inode)
         if row is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if not stat.S_ISDIR(self.index.mode[row]):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if self.features.cache_readdir:
+            return pyfuse3.FileInfo(fh=inode, keep_cache=True, cache_readdir=True)
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -370,28 +416,15 @@ class UnionOperations(pyfuse3.Operations):
 
     # -- data -----------------------------------------------------------------------------
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        # only called without zero-message open (a stock pyfuse3); the ro mount refuses
+        # writing opens before they get here, EROFS is for a caller that still manages to
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise _erofs()
-        row = self.index.row_of(inode)
-        if row is None:
+        if self.index.row_of(inode) is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         # The backing file is opened on the first read: with keep_cache a warm file is served
         # from the page cache and never reaches read(), so most opens cost no syscall at all.
-        fh = self._next_fh
-        self._next_fh += 1
-        self._handles[fh] = _Handle(inode, self.index.size[row])
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
-
-    def _keep_fd(self, fh: int, handle: _Handle, fd: int) -> int:
-        """Make *fd* the handle's backing fd; if a concurrent read opened one first (or the
-        handle was released meanwhile), close *fd* and use the handle's."""
-        if handle.fd >= 0 or self._handles.get(fh) is not handle:
-            os.close(fd)
-            if handle.fd < 0:
-                raise pyfuse3.FUSEError(errno.EBADF)
-            return handle.fd
-        handle.fd = fd
-        return fd
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
     def _open_and_read(self, layer: int, rel: bytes, size: int, off: int) -> tuple[int, bytes]:
         """Open a backing file and read from it: one thread hop for a file's first, uncached
@@ -404,7 +437,7 @@ class UnionOperations(pyfuse3.Operations):
             os.close(fd)
             raise
 
-    def _read_cached(self, handle: _Handle, fd: int, off: int, size: int) -> bytes | None:
+    def _read_cached(self, fd: int, off: int, size: int, file_size: int) -> bytes | None:
         """The data if the page cache holds all of it (read without blocking), else None."""
         if not self._nowait:
             return None
@@ -420,30 +453,36 @@ class UnionOperations(pyfuse3.Operations):
             raise
         if n == size:
             return bytes(buf)
-        if off + n >= handle.size:  # end of file
+        if off + n >= file_size:  # end of file
             return bytes(memoryview(buf)[:n])
         return None  # partly cached: read it all in a thread
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        handle = self._handles.get(fh)
-        if handle is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        fd = handle.fd
-        if fd < 0:
+        ino = fh  # see "File handles" in the class docstring
+        entry = self.fds.acquire(ino)
+        if entry is None:
             # opened inline when openat2(RESOLVE_CACHED) can, confined to the layer; else
             # opened and read in one thread hop
-            layer, rel = self.index.backing_in_layer(handle.inode)
+            layer, rel = self.index.backing_in_layer(ino)
             cached = self._opener.open(layer, rel, cached_only=True)
             if cached is None:
                 opened: int
                 first: bytes
                 opened, first = await self._in_thread(self._open_and_read, layer, rel, size, off)
-                self._keep_fd(fh, handle, opened)
+                self.fds.release(self.fds.add(ino, opened))
                 return first
-            fd = self._keep_fd(fh, handle, cached)
-        data = self._read_cached(handle, fd, off, size)
+            entry = self.fds.add(ino, cached)
+        try:
+            return await self._read_with(entry, ino, off, size)
+        finally:
+            self.fds.release(entry)
+
+    async def _read_with(self, entry: BackingFd, ino: int, off: int, size: int) -> bytes:
+        row = self.index.row_of(ino)
+        file_size = self.index.size[row] if row is not None else 0
+        data = self._read_cached(entry.fd, off, size, file_size)
         if data is None:
-            data = await self._in_thread(os.pread, fd, size, off)
+            data = await self._in_thread(os.pread, entry.fd, size, off)
         assert data is not None
         return data
 
@@ -452,9 +491,7 @@ class UnionOperations(pyfuse3.Operations):
     # per close(2).
 
     async def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh, None)
-        if handle is not None and handle.fd >= 0:
-            os.close(handle.fd)
+        return None  # backing fds belong to the inode (closed on forget), not to the open
 
     # -- every write: EROFS -----------------------------------------------------------------
     async def setattr(
