@@ -50,13 +50,18 @@ TRUSTED_REDIRECT = b"trusted.overlay.redirect"
 USER_OPAQUE = b"user.overlay.opaque"
 FUSE_OPAQUE = b"user.fuseoverlayfs.opaque"
 
-HIDDEN_PREFIXES: dict[WhiteoutFormat, tuple[bytes, ...]] = {
-    "kernel": (TRUSTED_PREFIX,),
-    "aufs": (TRUSTED_PREFIX, b"user.overlay.", b"user.fuseoverlayfs."),
-}
-"""Xattr name prefixes the format's own mount never lists."""
+LAYERFS_PREFIX = b"trusted.layerfs."
+"""A read-write view's own bookkeeping on upper entries (:data:`ORIGIN_XATTR`). Hidden by every
+layerfs view, read-only ones included (where kernel overlayfs, which knows nothing of it, would
+list it to CAP_SYS_ADMIN callers), and never exported."""
 
-COMMON_HIDDEN_PREFIXES: tuple[bytes, ...] = (TRUSTED_PREFIX,)
+HIDDEN_PREFIXES: dict[WhiteoutFormat, tuple[bytes, ...]] = {
+    "kernel": (TRUSTED_PREFIX, LAYERFS_PREFIX),
+    "aufs": (TRUSTED_PREFIX, b"user.overlay.", b"user.fuseoverlayfs.", LAYERFS_PREFIX),
+}
+"""Xattr name prefixes the format's own mount never lists (and layerfs's bookkeeping)."""
+
+COMMON_HIDDEN_PREFIXES: tuple[bytes, ...] = (TRUSTED_PREFIX, LAYERFS_PREFIX)
 """Prefixes hidden in every format."""
 
 # Raw facts about one entry of a layer, recorded by the per-layer index (format-independent).
@@ -144,7 +149,7 @@ ORIGIN_XATTR = b"trusted.layerfs.origin"
 keeps an inode number across a rename: the view's inode number, decimal ASCII. Internal:
 never listed, never exported; kernel overlayfs and c/storage ignore ``trusted.layerfs.*``."""
 
-WRITE_HIDDEN_PREFIXES: tuple[bytes, ...] = (b"trusted.layerfs.",)
+WRITE_HIDDEN_PREFIXES: tuple[bytes, ...] = (LAYERFS_PREFIX,)
 """Xattr prefixes of a read-write view's own bookkeeping: hidden in every format."""
 
 

@@ -165,11 +165,6 @@ def test_rw_view_writes_land_in_the_layer(
     assert sorted(os.listdir(os.path.join(store.diff_dir(writable), "srv", "redo"))) == ["fresh"]
 
 
-@pytest.mark.xfail(
-    reason="wp-rw: a read-only view lists the rw engine's trusted.layerfs.origin "
-    "(overlayfmt hides WRITE_HIDDEN_PREFIXES only in rw views)",
-    strict=False,
-)
 def test_a_read_only_view_of_a_written_layer(
     cli: LayerfsCLI, paths: StorePaths, writable: str, tmp_path: Path
 ) -> None:
