@@ -13,7 +13,7 @@ from typing import Any
 
 from fs_helpers import cleanup_mount
 from layerfs.fs.upper import RENAME_EXCHANGE, renameat2
-from test_rw_posix import Pair, _read, _stat, _write, finish, kernel_ro, mounted_pair
+from test_rw_posix import Pair, _read, _stat, _write, finish, mounted_pair
 
 B = os.fsencode
 
@@ -595,3 +595,170 @@ def test_concurrent_writers_match_kernel(tmp_path: Path) -> None:
     with mounted_pair(tmp_path) as pair:
         pair.run(op)
         finish(pair)
+
+
+# -- open directories and files across copy-up, rename and removal -----------------------------
+
+
+def test_dirfd_follows_renamed_lower_dir(tmp_path: Path) -> None:
+    """A dir fd (a shell's cwd) on a lower dir, the dir (or its parent) renamed: names made
+    through the fd land in the renamed dir."""
+
+    def op(r: str) -> tuple[list[str], list[str], bytes]:
+        fd = os.open(f"{r}/tree/x", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.rename(f"{r}/tree", f"{r}/t2")
+            w = os.open("made-after", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+            os.write(w, b"after rename")
+            os.close(w)
+            os.mkdir("sub-after", dir_fd=fd)
+            return (
+                sorted(os.listdir(f"{r}/t2/x")),
+                sorted(os.listdir(fd)),
+                _read(f"{r}/t2/x/made-after"),
+            )
+        finally:
+            os.close(fd)
+
+    with mounted_pair(tmp_path) as pair:
+        pair.run(op)
+        finish(pair, dir_nlink=False)
+
+
+def test_dirfd_of_removed_lower_dir_does_not_reach_its_successor(tmp_path: Path) -> None:
+    """A dir fd on lower dir ``keep``; ``keep`` removed and made again: the old fd is a deleted
+    dir (creating through it is ENOENT), the new ``keep`` stays empty."""
+
+    def op(r: str) -> tuple[Any, list[str], list[Any]]:
+        fd = os.open(f"{r}/keep", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.unlink(f"{r}/keep/k")
+            os.rmdir(f"{r}/keep")
+            os.mkdir(f"{r}/keep")
+            try:
+                w = os.open("ghost", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+                os.close(w)
+                res: Any = "created"
+            except OSError as e:
+                res = e.errno
+            try:
+                old: Any = sorted(os.listdir(fd))
+            except OSError as e:
+                old = e.errno
+            try:
+                st: Any = os.fstat(fd).st_nlink
+            except OSError as e:
+                st = e.errno
+            return res, sorted(os.listdir(f"{r}/keep")), [old, st]
+        finally:
+            os.close(fd)
+
+    with mounted_pair(tmp_path) as pair:
+        pair.run(op)
+        finish(pair)
+
+
+def test_fd_on_hard_link_sees_write_through_other_link(tmp_path: Path) -> None:
+    """h1/h2 are one lower inode; a read fd on h2 opened before h1 is written (copy-up of the
+    group) reads the new data, as with the kernel's index=on."""
+
+    def op(r: str) -> tuple[bytes, bytes, int]:
+        ro = os.open(f"{r}/h2", os.O_RDONLY)
+        try:
+            first = os.pread(ro, 100, 0)
+            _write(f"{r}/h1", b"CHANGED", os.O_WRONLY)
+            return first, os.pread(ro, 100, 0), os.fstat(ro).st_size
+        finally:
+            os.close(ro)
+
+    with mounted_pair(tmp_path) as pair:
+        pair.run(op)
+        pair.run(lambda r: (_read(f"{r}/h2"), _read(f"{r}/d/h3")))
+        finish(pair)
+
+
+def test_open_unlinked_lower_file_then_recreated(tmp_path: Path) -> None:
+    def op(r: str) -> tuple[int, bytes, int, bytes, bool]:
+        fd = os.open(f"{r}/f1", os.O_RDONLY)
+        try:
+            os.unlink(f"{r}/f1")
+            _write(f"{r}/f1", b"second incarnation")
+            st = os.fstat(fd)
+            return (
+                st.st_nlink,
+                os.pread(fd, 100, 0),
+                os.stat(f"{r}/f1").st_nlink,
+                _read(f"{r}/f1"),
+                st.st_ino == os.stat(f"{r}/f1").st_ino,
+            )
+        finally:
+            os.close(fd)
+
+    with mounted_pair(tmp_path) as pair:
+        pair.run(op)
+        finish(pair)
+
+
+def test_rename_over_open_lower_file(tmp_path: Path) -> None:
+    """A read fd on lower f1; f2 renamed over f1: the fd still reads the old f1."""
+
+    def op(r: str) -> tuple[bytes, int, bytes]:
+        fd = os.open(f"{r}/f1", os.O_RDONLY)
+        try:
+            os.rename(f"{r}/f2", f"{r}/f1")
+            return os.pread(fd, 100, 0), os.fstat(fd).st_nlink, _read(f"{r}/f1")
+        finally:
+            os.close(fd)
+
+    with mounted_pair(tmp_path) as pair:
+        pair.run(op)
+        finish(pair)
+
+
+def test_aufs_format_refuses_wh_names_by_every_route(tmp_path: Path) -> None:
+    """In the aufs (``.wh.``-file) format a ``.wh.NAME`` entry in the upper dir *is* a whiteout,
+    so the view refuses to make one (create is EINVAL). Every other way to make such a name
+    (rename, link, symlink, mkdir, mknod) must be refused too, or the view hides ``NAME``."""
+    from test_rw_posix import build_lower, layerfs_rw
+
+    from layerfs.fs.mount import is_mountpoint
+
+    lower = build_lower(tmp_path / "lower")
+    (tmp_path / "u").mkdir()
+    (tmp_path / "w").mkdir()
+    mnt = tmp_path / "m"
+    r = str(mnt)
+    results = {}
+    with layerfs_rw([lower], str(tmp_path / "u"), str(tmp_path / "w"), mnt, fmt="aufs"):
+        assert is_mountpoint(r)
+        routes = {
+            "create": lambda: _write(f"{r}/.wh.f1", b""),
+            "rename": lambda: os.rename(f"{r}/f3", f"{r}/.wh.f1"),
+            "link": lambda: os.link(f"{r}/big", f"{r}/.wh.f2"),
+            "symlink": lambda: os.symlink("x", f"{r}/.wh.h1"),
+            "mkdir": lambda: os.mkdir(f"{r}/.wh.d"),
+            "mknod": lambda: os.mkfifo(f"{r}/.wh.e"),
+            "opaque": lambda: _write(f"{r}/keep/.wh..wh..opq", b""),
+            "rename-dir": lambda: os.rename(f"{r}/tree", f"{r}/.wh.sd"),
+        }
+        for what, fn in routes.items():
+            results[what] = outcome_of(fn)
+        names = sorted(os.listdir(r))
+        keep = sorted(os.listdir(f"{r}/keep"))
+    problems = [f"{w}: {res}" for w, res in results.items() if res != "EINVAL"]
+    for gone in ("f1", "f2", "h1", "d", "e", "sd"):
+        if gone not in names:
+            problems.append(f"{gone} vanished from the view")
+    if keep != ["k"]:
+        problems.append(f"keep/ lists {keep}")
+    assert not problems, "\n".join(problems)
+
+
+def outcome_of(fn: Any) -> str:
+    try:
+        fn()
+    except OSError as e:
+        import errno as _errno
+
+        return _errno.errorcode.get(e.errno or 0, str(e.errno))
+    return "ok"
