@@ -11,9 +11,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from test_rw_posix import Pair, _read, _stat, _write, finish, mounted_pair
+
 from fs_helpers import cleanup_mount
 from layerfs.fs.upper import RENAME_EXCHANGE, renameat2
-from test_rw_posix import Pair, _read, _stat, _write, finish, mounted_pair
 
 B = os.fsencode
 
@@ -762,3 +763,28 @@ def outcome_of(fn: Any) -> str:
 
         return _errno.errorcode.get(e.errno or 0, str(e.errno))
     return "ok"
+
+
+def test_layerfs_remount_shows_what_the_view_showed(tmp_path: Path) -> None:
+    """Names and xattrs that look like overlay bookkeeping, made through the view: layerfs
+    mounting the same upper again must show the same tree as the live view (and the kernel)."""
+    from fs_helpers import snapshot
+    from test_rw_posix import HIDDEN, compare_trees, layerfs_rw
+
+    with mounted_pair(tmp_path) as pair:
+        pair.run(lambda r: _write(f"{r}/.wh.f2", b"a name") and sorted(os.listdir(r)))
+        pair.run(lambda r: _write(f"{r}/e/.wh..wh..opq", b"") and sorted(os.listdir(f"{r}/e")))
+        pair.run(
+            lambda r: _write(f"{r}/keep/.wh..wh..opq", b"") and sorted(os.listdir(f"{r}/keep"))
+        )
+        pair.run(lambda r: os.mkdir(f"{r}/.wh.d") or sorted(os.listdir(r)))
+        pair.run(lambda r: os.setxattr(f"{r}/f3", "trusted.overlay.opaque", b"y"))
+        pair.run(lambda r: os.setxattr(f"{r}/e", "trusted.overlay.opaque", b"y"))
+        pair.run(lambda r: os.setxattr(f"{r}/tree", "trusted.overlay.redirect", b"/d"))
+        pair.run(lambda r: os.mknod(f"{r}/e/.wh.zz", 0o10644) or sorted(os.listdir(f"{r}/e")))
+        live = snapshot(pair.l, HIDDEN)
+        finish(pair, dir_nlink=False)
+    d = pair.dirs["l"]
+    with layerfs_rw([d["lower"]], d["upper"], d["work"], tmp_path / "again-l"):
+        again = snapshot(str(tmp_path / "again-l"), HIDDEN)
+    compare_trees(again, live, pair.started, "layerfs upper remounted by layerfs", dir_nlink=False)
