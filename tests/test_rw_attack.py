@@ -11,6 +11,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from test_rw_posix import Pair, _read, _stat, _write, finish, mounted_pair
 
 from fs_helpers import cleanup_mount
@@ -788,3 +790,46 @@ def test_layerfs_remount_shows_what_the_view_showed(tmp_path: Path) -> None:
     with layerfs_rw([d["lower"]], d["upper"], d["work"], tmp_path / "again-l"):
         again = snapshot(str(tmp_path / "again-l"), HIDDEN)
     compare_trees(again, live, pair.started, "layerfs upper remounted by layerfs", dir_nlink=False)
+
+
+_OPTION_CASES = {
+    "empty-lower-component": (
+        "lowerdir={B}/lower::{B}/l2,upperdir={B}/upper,workdir={B}/work",
+        ("lower", "l2", "upper", "work"),
+    ),
+    "lower-is-upper": ("lowerdir={B}/lower,upperdir={B}/lower,workdir={B}/work", ("lower", "work")),
+    "lower-is-work": (
+        "lowerdir={B}/lower,upperdir={B}/upper,workdir={B}/lower",
+        ("lower", "upper"),
+    ),
+    "lower-inside-upper": (
+        "lowerdir={B}/upper/lower,upperdir={B}/upper,workdir={B}/work",
+        ("upper/lower", "work"),
+    ),
+    "upper-inside-work": (
+        "lowerdir={B}/lower,upperdir={B}/work/upper,workdir={B}/work",
+        ("lower", "work/upper"),
+    ),
+    "lower-is-a-file": (
+        "lowerdir={B}/lower/f,upperdir={B}/upper,workdir={B}/work",
+        ("lower", "upper", "work"),
+    ),
+    "missing-lower": (
+        "lowerdir={B}/nothere,upperdir={B}/upper,workdir={B}/work",
+        ("lower", "upper", "work"),
+    ),
+    "same-lower-twice": (
+        "lowerdir={B}/lower:{B}/lower,upperdir={B}/upper,workdir={B}/work",
+        ("lower", "upper", "work"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_OPTION_CASES))
+def test_mount_options_accepted_or_refused_like_kernel(tmp_path: Path, case: str) -> None:
+    """The same option string with the same dirs: layerfs-overlay mounts iff the kernel does
+    (and a refusal is one line, no traceback)."""
+    opts, names = _OPTION_CASES[case]
+    _dirs(tmp_path, *names)
+    got = _mount_both(tmp_path, opts, tmp_path / "mk", tmp_path / "ml")
+    assert got[1] == got[0], f"{case}: layerfs mounted={got[1]}, kernel mounted={got[0]}"
