@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from test_rw_posix import Pair, _read, _stat, _write, finish, mounted_pair
 
 from fs_helpers import cleanup_mount
@@ -770,8 +769,9 @@ def outcome_of(fn: Any) -> str:
 def test_layerfs_remount_shows_what_the_view_showed(tmp_path: Path) -> None:
     """Names and xattrs that look like overlay bookkeeping, made through the view: layerfs
     mounting the same upper again must show the same tree as the live view (and the kernel)."""
-    from fs_helpers import snapshot
     from test_rw_posix import HIDDEN, compare_trees, layerfs_rw
+
+    from fs_helpers import snapshot
 
     with mounted_pair(tmp_path) as pair:
         pair.run(lambda r: _write(f"{r}/.wh.f2", b"a name") and sorted(os.listdir(r)))
@@ -833,3 +833,132 @@ def test_mount_options_accepted_or_refused_like_kernel(tmp_path: Path, case: str
     _dirs(tmp_path, *names)
     got = _mount_both(tmp_path, opts, tmp_path / "mk", tmp_path / "ml")
     assert got[1] == got[0], f"{case}: layerfs mounted={got[1]}, kernel mounted={got[0]}"
+
+
+def test_xattr_edge_cases(tmp_path: Path) -> None:
+    def acl(r: str) -> tuple[int, str]:
+        p = subprocess.run(
+            ["setfacl", "-m", "u:1000:rw", f"{r}/f1"], capture_output=True, text=True
+        )
+        g = subprocess.run(["getfacl", "-c", f"{r}/f1"], capture_output=True, text=True)
+        return p.returncode, g.stdout
+
+    with mounted_pair(tmp_path) as pair:
+        pair.run(lambda r: os.setxattr(f"{r}/f2", "user.big", b"v" * 65536))
+        pair.run(lambda r: os.setxattr(f"{r}/f2", "user.big2", b"v" * 65537))
+        pair.run(lambda r: os.setxattr(f"{r}/f2", "user." + "n" * 250, b"1"))
+        pair.run(lambda r: os.setxattr(f"{r}/p", "user.onfifo", b"1"))
+        pair.run(lambda r: os.setxattr(f"{r}/cdev", "user.ondev", b"1"))
+        pair.run(lambda r: os.setxattr(f"{r}/f3", "user.x", b"1", os.XATTR_REPLACE))
+        pair.run(lambda r: os.setxattr(f"{r}/xf", "user.a", b"1", os.XATTR_CREATE))
+        pair.run(lambda r: os.setxattr(f"{r}/f3", "bogus.ns", b"1"))
+        pair.run(lambda r: os.setxattr(f"{r}/d", "security.capability", b"\x01"))
+        pair.run(acl)
+        pair.run(lambda r: sorted(os.listxattr(f"{r}/f1")))
+        finish(pair)
+
+
+# -- crash atomicity of rename (fault injected with strace, no timing) ---------------------------
+
+
+def _crash_at_first_mknod(pid: int, mnt: str, op: str) -> None:
+    """SIGKILL daemon *pid* at its first mknod(2) (the whiteout a rename writes after moving
+    the entry) while a child runs *op* in the view; then drop the dead mount."""
+    import sys
+
+    from conftest import process_gone, require_tool, wait_until
+    from layerfs.fs.mount import abort_connection, detach
+
+    strace = require_tool("strace")
+    tracer = subprocess.Popen(
+        [
+            strace,
+            "-f",
+            "-p",
+            str(pid),
+            "-qq",
+            "-e",
+            "trace=mknodat,mknod",
+            "-e",
+            "inject=mknodat,mknod:signal=SIGKILL",
+            "-o",
+            "/dev/null",
+        ],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # attached once the daemon's status shows a tracer
+        def traced() -> bool:
+            with open(f"/proc/{pid}/status") as f:
+                return any(ln.startswith("TracerPid:") and ln.split()[1] != "0" for ln in f)
+
+        wait_until(traced, "strace attached to the daemon", 30)
+        child = subprocess.Popen([sys.executable, "-c", op, mnt])
+        wait_until(lambda: process_gone(pid), "the daemon was killed at its mknod", 60)
+        abort_connection(mnt)
+        child.wait(60)
+        detach(mnt)
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+        tracer.wait()
+
+
+_CRASH_CASES = {
+    # (made first through the view, rename source, rename destination)
+    "lower-dir-over-upper-dir": ("mkdir:newdir", "keep", "newdir"),
+    "lower-file-over-upper-file": ("file:newf", "f1", "newf"),
+    "lower-dir-over-whiteout": ("rm:f2", "keep", "f2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CRASH_CASES))
+def test_crash_in_rename_is_atomic(tmp_path: Path, case: str) -> None:
+    """The kernel's rename is atomic: after a crash of the daemon inside rename(SRC, DST) (SRC
+    in the lower, DST in the upper), the upper shows the old state or the new one, never SRC
+    and DST both. The crash is injected at the daemon's first mknod(2) inside the rename."""
+    from test_rw_posix import HIDDEN, build_lower, kernel_ro, kernel_rw, layerfs_rw
+
+    from fs_helpers import snapshot
+
+    setup, src, dst = _CRASH_CASES[case]
+
+    def prepare(m: str) -> None:
+        kind, _, name = setup.partition(":")
+        if kind == "mkdir":
+            os.mkdir(f"{m}/{name}")
+        elif kind == "file":
+            _write(f"{m}/{name}", b"upper")
+        else:
+            os.unlink(f"{m}/{name}")
+
+    states = {}
+    for name, do in (("before", False), ("after", True)):
+        base = tmp_path / name
+        lower = build_lower(base / "lower")
+        (base / "u").mkdir()
+        (base / "w").mkdir()
+        with kernel_rw(lower, str(base / "u"), str(base / "w"), base / "m") as m:
+            prepare(m)
+            if do:
+                os.rename(f"{m}/{src}", f"{m}/{dst}")
+            states[name] = {p: r["type"] for p, r in snapshot(m, HIDDEN).items()}
+
+    base = tmp_path / "crash"
+    lower = build_lower(base / "lower")
+    (base / "u").mkdir()
+    (base / "w").mkdir()
+    mnt = base / "m"
+    with layerfs_rw([lower], str(base / "u"), str(base / "w"), mnt) as pid:
+        prepare(str(mnt))
+        op = (
+            "import os,sys\ntry:\n"
+            f" os.rename(sys.argv[1]+'/{src}', sys.argv[1]+'/{dst}')\n"
+            "except OSError:\n pass"
+        )
+        _crash_at_first_mknod(pid, str(mnt), op)
+    with kernel_ro([str(base / "u"), lower], base / "again") as m:
+        got = {p: r["type"] for p, r in snapshot(m, HIDDEN).items()}
+    keys = {p for p in set(got) | set(states["before"]) if p.startswith((src, dst))}
+    view = {p: got.get(p) for p in sorted(keys)}
+    assert got in (states["before"], states["after"]), f"after the crash the upper shows {view}"
