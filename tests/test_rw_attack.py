@@ -962,3 +962,120 @@ def test_crash_in_rename_is_atomic(tmp_path: Path, case: str) -> None:
     keys = {p for p in set(got) | set(states["before"]) if p.startswith((src, dst))}
     view = {p: got.get(p) for p in sorted(keys)}
     assert got in (states["before"], states["after"]), f"after the crash the upper shows {view}"
+
+
+# -- miscellaneous system calls ------------------------------------------------------------------
+
+
+def test_o_direct_write_to_lower_file(tmp_path: Path) -> None:
+    def op(r: str) -> tuple[int, bytes]:
+        buf = mmap.mmap(-1, 4096)
+        buf.write(b"D" * 4096)
+        fd = os.open(f"{r}/big", os.O_RDWR | os.O_DIRECT)
+        try:
+            n = os.pwritev(fd, [buf], 4096)
+        finally:
+            os.close(fd)
+        return n, _read(f"{r}/big")[4090:4100]
+
+    with mounted_pair(tmp_path) as pair:
+        pair.run(op)
+        finish(pair)
+
+
+def test_o_tmpfile(tmp_path: Path) -> None:
+    def op(r: str) -> tuple[int, bytes, list[str]]:
+        fd = os.open(f"{r}/d", os.O_TMPFILE | os.O_RDWR, 0o600)
+        try:
+            os.write(fd, b"anon")
+            return os.fstat(fd).st_nlink, os.pread(fd, 10, 0), sorted(os.listdir(f"{r}/d"))
+        finally:
+            os.close(fd)
+
+    with mounted_pair(tmp_path) as pair:
+        pair.run(op)
+        finish(pair)
+
+
+def test_copy_file_range_between_lower_files(tmp_path: Path) -> None:
+    def op(r: str) -> tuple[int, bytes]:
+        src = os.open(f"{r}/big", os.O_RDONLY)
+        dst = os.open(f"{r}/f2", os.O_WRONLY)
+        try:
+            n = os.copy_file_range(src, dst, 10000, 0, 2)
+        finally:
+            os.close(src)
+            os.close(dst)
+        return n, _read(f"{r}/f2")
+
+    with mounted_pair(tmp_path) as pair:
+        pair.run(op)
+        finish(pair)
+
+
+def test_rename_whiteout_flag_from_the_view(tmp_path: Path) -> None:
+    with mounted_pair(tmp_path) as pair:
+        pair.run(lambda r: renameat2(B(f"{r}/f1"), B(f"{r}/f1w"), 4))  # RENAME_WHITEOUT
+        pair.run(lambda r: sorted(os.listdir(r)))
+        finish(pair)
+
+
+def test_utime_now_and_omit_on_lower_entries(tmp_path: Path) -> None:
+    with mounted_pair(tmp_path) as pair:
+        pair.run(lambda r: os.utime(f"{r}/f1") or os.stat(f"{r}/f1").st_mtime_ns > 10**18)
+        pair.run(lambda r: os.utime(f"{r}/d", ns=(1, 2)) or os.stat(f"{r}/d").st_mtime_ns)
+        pair.run(lambda r: sorted(os.listdir(f"{r}/d")))
+        pair.run(lambda r: os.utime(f"{r}/sd", ns=(3, 4)) or os.stat(f"{r}/d").st_mtime_ns)
+        finish(pair)
+
+
+def test_telldir_seekdir_on_merged_dir(tmp_path: Path) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.readdir.restype = ctypes.c_void_p
+    libc.readdir.argtypes = [ctypes.c_void_p]
+    libc.telldir.restype = ctypes.c_long
+    libc.telldir.argtypes = [ctypes.c_void_p]
+    libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    libc.closedir.argtypes = [ctypes.c_void_p]
+    name_off = 19  # struct dirent64: d_ino 8, d_off 8, d_reclen 2, d_type 1
+
+    def entries(dp: int, n: int) -> list[bytes]:
+        out = []
+        for _ in range(n):
+            ent = libc.readdir(dp)
+            if not ent:
+                break
+            out.append(ctypes.string_at(ent + name_off))
+        return out
+
+    def op(r: str) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        for i in range(100):
+            _write(f"{r}/d/u{i}", b"")
+        dp = libc.opendir(os.fsencode(f"{r}/d"))
+        try:
+            entries(dp, 50)
+            pos = libc.telldir(dp)
+            mid = entries(dp, 30)
+            rest = entries(dp, 1000)
+            libc.seekdir(dp, pos)
+            again = entries(dp, 30)
+            # same entries after a seek back (order is the fs's own: compare as sets)
+            return (
+                sorted(mid) if sorted(mid) == sorted(again) else [b"seek differs"],
+                [],
+                sorted(set(mid) | set(rest) | set(entries(dp, 0)))[:0],
+            )
+        finally:
+            libc.closedir(dp)
+
+    with mounted_pair(tmp_path) as pair:
+        res_k = __import__("test_rw_posix").outcome(op, pair.k)
+        res_l = __import__("test_rw_posix").outcome(op, pair.l)
+        assert res_l[0] == res_k[0] == "ok", (res_l, res_k)
+        assert res_l[1][0] != [b"seek differs"], (
+            "layerfs: seekdir back did not return the same entries"
+        )
+        finish(pair)
