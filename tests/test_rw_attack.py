@@ -1079,3 +1079,34 @@ def test_telldir_seekdir_on_merged_dir(tmp_path: Path) -> None:
             "layerfs: seekdir back did not return the same entries"
         )
         finish(pair)
+
+
+def test_paths_longer_than_path_max(tmp_path: Path) -> None:
+    """Dirs nested past PATH_MAX (each step made relative to the previous dir's fd, as tar and
+    rm -rf do): the kernel works with dentries, so the view must not need whole path strings."""
+    comp = "n" * 200
+
+    def op(r: str) -> tuple[int, bytes, list[str]]:
+        fd = os.open(f"{r}/e", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for _ in range(25):  # 25 * 201 bytes > 4096
+                os.mkdir(comp, dir_fd=fd)
+                nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            w = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+            os.write(w, b"deep")
+            os.close(w)
+            os.rename("leaf", "leaf2", src_dir_fd=fd, dst_dir_fd=fd)
+            r2 = os.open("leaf2", os.O_RDONLY, dir_fd=fd)
+            data = os.read(r2, 10)
+            os.close(r2)
+            return os.stat("leaf2", dir_fd=fd).st_size, data, sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
+
+    with mounted_pair(tmp_path) as pair:
+        pair.run(op)
+        pair.run(lambda r: subprocess.run(["rm", "-rf", f"{r}/e"], check=True) and None)
+        pair.run(lambda r: sorted(os.listdir(r)))
+        finish(pair)
