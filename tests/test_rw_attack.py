@@ -1110,3 +1110,40 @@ def test_paths_longer_than_path_max(tmp_path: Path) -> None:
         pair.run(lambda r: subprocess.run(["rm", "-rf", f"{r}/e"], check=True) and None)
         pair.run(lambda r: sorted(os.listdir(r)))
         finish(pair)
+
+
+def test_copy_up_keeps_a_sparse_file_sparse(tmp_path: Path) -> None:
+    """Kernel copy-up skips holes (SEEK_DATA/SEEK_HOLE): a 256 MiB lower file with 4 KiB of
+    data stays a few blocks in the upper."""
+
+    def prep(d: dict[str, str]) -> None:
+        with open(Path(d["lower"]) / "sparse", "wb") as f:
+            f.truncate(256 << 20)
+            f.seek(128 << 20)
+            f.write(b"s" * 4096)
+
+    def op(r: str) -> tuple[int, bool]:
+        _write(f"{r}/sparse", b"+", os.O_WRONLY | os.O_APPEND)
+        st = os.stat(f"{r}/sparse")
+        return st.st_size, st.st_blocks * 512 < (1 << 20)
+
+    with _prepared_pair(tmp_path, prep) as pair:
+        pair.run(op)
+        finish(pair)
+
+
+def test_unix_socket_bound_in_view(tmp_path: Path) -> None:
+    import socket
+
+    def op(r: str) -> tuple[int, list[str]]:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.bind(f"{r}/e/sock")
+        finally:
+            s.close()
+        return os.lstat(f"{r}/e/sock").st_mode, sorted(os.listdir(f"{r}/e"))
+
+    with mounted_pair(tmp_path) as pair:
+        pair.run(op)
+        pair.run(lambda r: os.unlink(f"{r}/e/sock") or os.listdir(f"{r}/e"))
+        finish(pair)
