@@ -1147,3 +1147,19 @@ def test_unix_socket_bound_in_view(tmp_path: Path) -> None:
         pair.run(op)
         pair.run(lambda r: os.unlink(f"{r}/e/sock") or os.listdir(f"{r}/e"))
         finish(pair)
+
+
+def test_wh_named_regular_file_in_a_lower_under_kernel_format(tmp_path: Path) -> None:
+    """A lower diff dir holding a regular file named ``.wh.f2`` beside ``f2`` (in the kernel
+    format a ``.wh.`` file is just a name): the kernel shows both."""
+
+    def prep(d: dict[str, str]) -> None:
+        (Path(d["lower"]) / ".wh.f2").write_bytes(b"a name\n")
+        (Path(d["lower"]) / "d" / ".wh..wh..opq").write_bytes(b"")
+
+    with _prepared_pair(tmp_path, prep) as pair:
+        pair.run(lambda r: sorted(os.listdir(r)))
+        pair.run(lambda r: sorted(os.listdir(f"{r}/d")))
+        pair.run(lambda r: _write(f"{r}/.wh.f2", b"+", os.O_WRONLY | os.O_APPEND))
+        pair.run(lambda r: os.unlink(f"{r}/d/.wh..wh..opq") or sorted(os.listdir(f"{r}/d")))
+        finish(pair)
