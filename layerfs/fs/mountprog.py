@@ -10,9 +10,21 @@ Forms accepted (as podman and mount.fuse3 pass them)::
 Options may come in several ``-o`` (or ``-oOPTS``) arguments; empty options (a trailing comma)
 and options fuse-overlayfs passes on to the kernel or ignores (``rw``, ``context=...``,
 ``noatime`` ...) are ignored; ``dev``/``suid`` keep devices and set-id bits; ``uidmapping=`` and
-``gidmapping=`` are refused until layerfs maps ids. Lower dirs may be symlinks (c/storage's
-``l/`` links): they are resolved. As root the view gets ``allow_other`` (with
+``gidmapping=`` are refused until layerfs maps ids. As root the view gets ``allow_other`` (with
 ``default_permissions``), as fuse-overlayfs does.
+
+Dirs are read and checked as kernel overlayfs (``mount -t overlay``) reads and checks them:
+
+* a backslash escapes the next character (``\\:`` and ``\\,`` are a colon and a comma inside a
+  path; a comma splits options only when unescaped and outside double quotes);
+* ``lowerdir`` dirs are separated by ``:``; the dirs after a ``::`` are data-only lower layers
+  (checked like the others, not shown: only metacopy files, which layerfs does not follow,
+  read data from them); a leading or trailing ``:``, ``:::``, or a regular dir after a
+  data-only one is refused;
+* dirs are resolved (c/storage's ``l/`` symlinks) and refused when they overlap: upperdir and
+  workdir must be separate subtrees (neither inside the other, not the same), and a lower dir
+  may not be upperdir, workdir or another lower dir, nor lie inside one of them (upperdir or
+  workdir inside a lower dir is allowed, as the kernel allows it).
 
 The program goes to the background once the mount answers (the daemon's readiness line),
 exits non-zero with one line on stderr on failure, and the daemon exits on unmount with every
@@ -55,10 +67,13 @@ class UsageError(Exception):
 
 @dataclass
 class Args:
-    """The parsed command line."""
+    """The parsed command line. Before :func:`check` the dirs are as given (unescaped); after
+    it they are resolved real paths."""
 
     mountpoint: str = ""
     lowers: list[str] = field(default_factory=list)
+    data_lowers: list[str] = field(default_factory=list)
+    """Data-only lower layers (after ``::``): checked like the lowers, never shown."""
     upper: str | None = None
     work: str | None = None
     dev: bool = False
@@ -66,21 +81,124 @@ class Args:
     foreground: bool = False
     debug: bool = False
     ignored: list[str] = field(default_factory=list)
+    replaced: list[tuple[str, str]] = field(default_factory=list)
+    """(option, dir) given before a later option of the same name replaced it: the kernel
+    resolves each when it reads it, so each must still be an existing dir."""
+
+
+def _split_options(text: str) -> list[str]:
+    """Split an ``-o`` string at each comma that is neither backslash-escaped nor inside double
+    quotes (SELinux ``context="...:c1,c2"``); escapes are kept for the value parsers."""
+    opts: list[str] = []
+    cur: list[str] = []
+    quoted = False
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            cur.append(text[i : i + 2])
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == "," and not quoted:
+            opts.append("".join(cur))
+            cur = []
+            i += 1
+            continue
+        cur.append(c)
+        i += 1
+    opts.append("".join(cur))
+    return opts
+
+
+def _unescape(text: str) -> str:
+    """Drop each escaping backslash, keeping the character it escapes (a lone trailing
+    backslash is dropped), as the kernel does for every overlay dir."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == "\\":
+            i += 1
+            if i == len(text):
+                break
+        out.append(text[i])
+        i += 1
+    return "".join(out)
+
+
+def _split_lowerdir(value: str) -> tuple[list[str], list[str]]:
+    """``lowerdir=`` split as the kernel splits it: (regular lower dirs, data-only lower dirs),
+    unescaped. Empty *value* gives no dirs (the kernel reads it as "no lower dirs")."""
+    if not value:
+        return [], []
+    if value.startswith(":"):
+        raise UsageError(f"lowerdir starts with ':' ({value}); escape a ':' in a name as '\\:'")
+    parts: list[str] = []
+    seps: list[int] = []  # seps[k]: the colons between parts[k] and parts[k + 1]
+    cur: list[str] = []
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if c == "\\":
+            cur.append(value[i : i + 2])
+            i += 2
+            continue
+        if c != ":":
+            cur.append(c)
+            i += 1
+            continue
+        n = len(value) - i - len(value[i:].lstrip(":"))
+        if n > 2:
+            raise UsageError(
+                f"lowerdir={value}: only ':' or '::' may separate dirs "
+                "(escape a ':' in a name as '\\:')"
+            )
+        if i + n == len(value):
+            raise UsageError(f"lowerdir ends with ':' ({value}); escape a ':' in a name as '\\:'")
+        parts.append("".join(cur))
+        seps.append(n)
+        cur = []
+        i += n
+    parts.append("".join(cur))
+    regular = [parts[0]]
+    data: list[str] = []
+    for sep, part in zip(seps, parts[1:], strict=True):
+        if sep == 2:
+            data.append(part)
+        elif data:
+            raise UsageError(
+                f"lowerdir={value}: a regular lower dir ({_unescape(part)}) cannot follow "
+                "data-only lower dirs (those after '::')"
+            )
+        else:
+            regular.append(part)
+    return [_unescape(p) for p in regular], [_unescape(p) for p in data]
+
+
+def _dir_option(key: str, value: str) -> str:
+    path = _unescape(value)
+    if not path:
+        raise UsageError(f"{key}= needs a directory")
+    return path
 
 
 def _apply_options(a: Args, text: str) -> None:
-    for opt in text.split(","):
+    for opt in _split_options(text):
         if not opt:
             continue  # podman's trailing comma
         key, _eq, value = opt.partition("=")
         if key in REFUSED:
             raise UsageError(REFUSED[key])
         if key == "lowerdir":
-            a.lowers = [d for d in value.split(":") if d]
+            a.replaced += [(key, d) for d in a.lowers + a.data_lowers]
+            a.lowers, a.data_lowers = _split_lowerdir(value)
         elif key == "upperdir":
-            a.upper = value
+            a.replaced += [(key, a.upper)] if a.upper is not None else []
+            a.upper = _dir_option(key, value)
         elif key == "workdir":
-            a.work = value
+            a.replaced += [(key, a.work)] if a.work is not None else []
+            a.work = _dir_option(key, value)
         elif key in ("dev", "suid"):
             setattr(a, key, True)
         elif key in ("nodev", "nosuid"):
@@ -139,20 +257,117 @@ def _existing_dir(what: str, path: str) -> str:
     return real
 
 
+@dataclass(frozen=True)
+class _Layer:
+    """One resolved dir of the mount, for the overlap checks."""
+
+    role: str  # "upperdir", "workdir" or "lowerdir"
+    given: str  # as given (unescaped): what error messages name
+    real: str
+    ident: tuple[int, int]  # (st_dev, st_ino): the kernel compares inodes, not path strings
+
+    @classmethod
+    def of(cls, role: str, given: str) -> _Layer:
+        real = _existing_dir(role, given)
+        st = os.stat(real)
+        return cls(role, given, real, (st.st_dev, st.st_ino))
+
+    def ancestors(self) -> list[tuple[int, int]]:
+        """The identities of the dirs above this one up to its file system's root (the
+        kernel walks dentry parents, which stay inside one file system).
+
+        Limitation: inside a bind mount of a subtree the path's parents are followed, not the
+        bound subtree's parents in its file system."""
+        out: list[tuple[int, int]] = []
+        path = self.real
+        while path != "/":
+            path = os.path.dirname(path)
+            try:
+                st = os.stat(path)
+            except OSError:
+                break
+            if st.st_dev != self.ident[0]:
+                break
+            out.append((st.st_dev, st.st_ino))
+        return out
+
+
+def _check_overlaps(upper: _Layer | None, work: _Layer | None, lowers: list[_Layer]) -> None:
+    """Refuse the layouts kernel overlayfs refuses, in its order: upperdir and workdir not
+    separate subtrees; a lower dir that is another layer ("conflicting lowerdir path"); a lower
+    dir inside another layer ("overlapping lowerdir path")."""
+    if (
+        upper is not None
+        and work is not None
+        and (
+            upper.ident == work.ident
+            or upper.ident in work.ancestors()
+            or work.ident in upper.ancestors()
+        )
+    ):
+        raise UsageError(
+            f"workdir {work.given} and upperdir {upper.given} must be separate subtrees"
+        )
+    taken: dict[tuple[int, int], _Layer] = {}
+    for layer in (upper, work, *lowers):
+        if layer is None:
+            continue
+        other = taken.get(layer.ident)
+        if other is not None:
+            raise UsageError(
+                f"lowerdir {layer.given}: the same directory as {other.role} {other.given}"
+            )
+        taken[layer.ident] = layer
+    for layer in lowers:
+        for ident in layer.ancestors():
+            other = taken.get(ident)
+            if other is not None:
+                raise UsageError(
+                    f"lowerdir {layer.given}: inside {other.role} {other.given} "
+                    "(layers may not overlap)"
+                )
+
+
+def _mount_id(path: str) -> int:
+    """The id of the mount *path* is in (``mnt_id`` of an ``O_PATH`` fd, as
+    ``/proc/self/fdinfo`` shows it): the kernel wants upperdir and workdir in one mount, not
+    just one file system (a bind mount is another mount)."""
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                key, _sep, value = line.partition(":")
+                if key == "mnt_id":
+                    return int(value)
+    finally:
+        os.close(fd)
+    return os.stat(path).st_dev  # no mnt_id (not Linux?): the file system must do
+
+
 def check(a: Args) -> Args:
     """Resolve and check the dirs; UsageError naming the first problem."""
-    if not a.lowers and a.upper is None:
+    if not a.lowers:
         raise UsageError("no lowerdir specified")
     if a.upper is not None and a.work is None:
         raise UsageError("no workdir specified")
     if a.work is not None and a.upper is None:
         raise UsageError("workdir given without upperdir")
-    a.lowers = [_existing_dir("lowerdir", d) for d in a.lowers]
+    for role, given in a.replaced:
+        _existing_dir(role, given)
+    lowers = [_Layer.of("lowerdir", d) for d in a.lowers + a.data_lowers]
+    upper = work = None
     if a.upper is not None and a.work is not None:
-        a.upper = _existing_dir("upperdir", a.upper)
-        a.work = _existing_dir("workdir", a.work)
-        if os.stat(a.upper).st_dev != os.stat(a.work).st_dev:
-            raise UsageError("workdir and upperdir must be on the same file system")
+        upper = _Layer.of("upperdir", a.upper)
+        work = _Layer.of("workdir", a.work)
+        if _mount_id(upper.real) != _mount_id(work.real):
+            raise UsageError(
+                f"workdir {work.given} and upperdir {upper.given} must be in the same mount"
+            )
+    _check_overlaps(upper, work, lowers)
+    a.lowers = [layer.real for layer in lowers[: len(a.lowers)]]
+    a.data_lowers = [layer.real for layer in lowers[len(a.lowers) :]]
+    if upper is not None and work is not None:
+        a.upper, a.work = upper.real, work.real
     a.mountpoint = _existing_dir("mount point", a.mountpoint)
     return a
 
