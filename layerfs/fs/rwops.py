@@ -73,6 +73,7 @@ THREAD_COPY_BYTES = 1 << 20
 
 _INO_SHIFT = 48
 _TRUSTED = b"trusted."
+_CAPS = b"security.capability"
 ESCAPED_PREFIX = TRUSTED_PREFIX + b"overlay."
 """The kernel format stores view xattr ``trusted.overlay.X`` as ``trusted.overlay.overlay.X``."""
 
@@ -86,7 +87,11 @@ class Node:
     index inode merged at its path when the upper does not hide the lower there (no upper
     entry, or an upper dir that is not opaque), else None. ``nlookup``: the kernel's lookup
     count; ``opens``: open handles. A node is dropped when both are 0. ``gen`` grows on each
-    copy-up, so that a handle opened on the lower file re-opens the upper one.
+    copy-up, so that a handle opened on the lower file re-opens the upper one. ``no_caps``:
+    getxattr found no ``security.capability`` (the kernel asks before every write to a
+    regular file, to drop file capabilities); set by getxattr, cleared by setxattr. Caps
+    appear on the inode only by a setxattr through this view (the daemon is the upper's only
+    writer; a copy-up copies the lower's xattrs, which gave the same answer).
     Guarded by the view's mutation lock for writes (single-threaded event loop for reads)."""
 
     ino: int
@@ -95,6 +100,7 @@ class Node:
     nlookup: int = 0
     opens: int = 0
     gen: int = 0
+    no_caps: bool = False
 
     def rel(self) -> bytes | None:
         for p in self.paths:
@@ -1091,6 +1097,18 @@ class RWOperations(pyfuse3.Operations):
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
+        if name == _CAPS:
+            if node.no_caps:
+                raise _err(pyfuse3.ENOATTR)
+            try:
+                return await self._getxattr(node, name)
+            except pyfuse3.FUSEError as e:
+                if e.errno == pyfuse3.ENOATTR:
+                    node.no_caps = True
+                raise
+        return await self._getxattr(node, name)
+
+    async def _getxattr(self, node: Node, name: bytes) -> bytes:
         uname = self._upper_name(name)
         if uname is None:
             raise self._refuse(name)
@@ -1134,7 +1152,9 @@ class RWOperations(pyfuse3.Operations):
         if uname is None:
             raise _err(errno.EOPNOTSUPP)
         async with self.mutation:
-            rel = await self._copy_up(self._node(inode))
+            node = self._node(inode)
+            node.no_caps = False
+            rel = await self._copy_up(node)
             os.setxattr(self.up.path(rel), uname, value, follow_symlinks=False)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
