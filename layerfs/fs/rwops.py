@@ -732,22 +732,28 @@ class RWOperations(pyfuse3.Operations):
 
     # -- owners of new entries ---------------------------------------------------------------
     def _new_owner(
-        self, prel: bytes, ctx: pyfuse3.RequestContext, is_dir: bool
+        self, pst: os.stat_result, ctx: pyfuse3.RequestContext, is_dir: bool
     ) -> tuple[int, int, int]:
-        """(uid, gid, extra mode bits) of a new entry in the upper dir *prel*: the caller's
-        fsuid and fsgid, the parent's group and S_ISGID for dirs below a set-gid dir."""
-        pst = os.lstat(self.up.path(prel))
+        """(uid, gid, extra mode bits) of a new entry in the upper dir whose lstat is *pst*:
+        the caller's fsuid and fsgid, the parent's group and S_ISGID for dirs below a
+        set-gid dir."""
         if pst.st_mode & stat.S_ISGID:
             return ctx.uid, pst.st_gid, stat.S_ISGID if is_dir else 0
         return ctx.uid, ctx.gid, 0
 
-    async def _prepare_parent(self, pnode: Node, prel: bytes) -> None:
-        if self.up.lstat(prel) is None:
+    async def _prepare_parent(self, pnode: Node, prel: bytes) -> os.stat_result:
+        """Make the upper dir *prel* exist (copy-up of its lower dirs); returns its lstat."""
+        pst = self.up.lstat(prel)
+        if pst is None:
             self._ensure_dir_sync(prel)
+            pst = os.lstat(self.up.path(prel))
+        return pst
 
     def _new_node(self, rel: bytes) -> tuple[Node, pyfuse3.EntryAttributes]:
+        """Bind the entry just made at *rel* (never the root). It has no origin xattr (only a
+        copy-up writes one), so its inode number comes from its lstat alone."""
         st = os.lstat(self.up.path(rel))
-        p = Probe(self._upper_ino(rel, st), st, None, None)
+        p = Probe(self.upper_tag | st.st_ino, st, None, None)
         node = self._bind(p, rel)
         node.nlookup += 1
         return node, self._ea_of_probe(p)
@@ -778,8 +784,8 @@ class RWOperations(pyfuse3.Operations):
         if self.fmt == "aufs" and name.startswith(WH_PREFIX):
             raise _err(errno.EINVAL)
         prel = rel.rpartition(b"/")[0]
-        await self._prepare_parent(pnode, prel)
-        uid, gid, extra = self._new_owner(prel, ctx, kind == "dir")
+        pst = await self._prepare_parent(pnode, prel)
+        uid, gid, extra = self._new_owner(pst, ctx, kind == "dir")
         perm = stat.S_IMODE(mode) | extra
         over = self.up.lstat(rel) is not None or self.up.whiteout_by_name(rel)
         lower_here = self._child_lower(pnode, name) is not None
@@ -864,11 +870,11 @@ class RWOperations(pyfuse3.Operations):
                 node.nlookup += 1
                 fi = await self._open_node(node, flags & ~(os.O_CREAT | os.O_EXCL))
                 return fi, self._attrs(node)
-            node, _ = await self._create_entry(
+            node, ea = await self._create_entry(
                 parent_inode, name, ctx, "node", stat.S_IFREG | stat.S_IMODE(mode)
             )
             fi = await self._open_node(node, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
-            return fi, self._attrs(node)
+            return fi, ea  # opening the new empty file changed none of its attributes
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         async with self.mutation:
@@ -1185,11 +1191,13 @@ class RWOperations(pyfuse3.Operations):
         if rel is None:
             raise _err(errno.ENOENT)
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
-        if writing:
+        if writing:  # after a copy-up the upper entry is there
             rel = await self._copy_up(node, with_data=not flags & os.O_TRUNC)
+            in_upper = True
+        else:
+            in_upper = self.up.entry(rel)[0] is not None
         oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY) | os.O_CLOEXEC | os.O_NOFOLLOW
-        st, _ = self.up.entry(rel)
-        if st is not None:
+        if in_upper:
             fd = os.open(self.up.path(rel), oflags)
             upper = True
         else:
