@@ -438,7 +438,7 @@ class RWOperations(pyfuse3.Operations):
         node = self._node(inode)
         rel = node.rel()
         if rel is not None:
-            st, _ = self.up.entry(rel)
+            st, _ = self.up.entry(rel, by_name=False)
             if st is not None:
                 if not stat.S_ISLNK(st.st_mode):
                     raise _err(errno.EINVAL)
@@ -586,7 +586,7 @@ class RWOperations(pyfuse3.Operations):
 
     def _copy_up_sync(self, node: Node, rel: bytes, with_data: bool = True) -> None:
         """Copy up the lower entry *node* shown at *rel* (a file's whole hard-link group)."""
-        st, _ = self.up.entry(rel)
+        st, _ = self.up.entry(rel, by_name=False)
         if st is not None:
             return
         assert self.lower is not None and node.lower is not None
@@ -627,7 +627,7 @@ class RWOperations(pyfuse3.Operations):
         rel = node.rel()
         if rel is None:
             raise _err(errno.ENOENT)
-        st, _ = self.up.entry(rel)
+        st, _ = self.up.entry(rel, by_name=False)
         if st is not None:
             return rel
         if node.lower is None:
@@ -1046,7 +1046,6 @@ class RWOperations(pyfuse3.Operations):
                 truncating = fields.update_size and attr.st_size == 0
                 rel = await self._copy_up(node, with_data=not truncating)
                 target = self.up.path(rel)
-            st = os.stat(target) if isinstance(target, int) else os.lstat(target)
             if fields.update_uid or fields.update_gid:
                 uid = attr.st_uid if fields.update_uid else -1
                 gid = attr.st_gid if fields.update_gid else -1
@@ -1055,6 +1054,7 @@ class RWOperations(pyfuse3.Operations):
                 else:
                     os.chown(target, uid, gid, follow_symlinks=False)
             if fields.update_mode:
+                st = os.stat(target) if isinstance(target, int) else os.lstat(target)
                 if stat.S_ISLNK(st.st_mode):
                     raise _err(errno.EOPNOTSUPP)
                 if isinstance(target, int):
@@ -1067,9 +1067,11 @@ class RWOperations(pyfuse3.Operations):
                 else:
                     os.truncate(target, attr.st_size)
             if fields.update_atime or fields.update_mtime:
-                cur = os.stat(target) if isinstance(target, int) else os.lstat(target)
-                a = attr.st_atime_ns if fields.update_atime else cur.st_atime_ns
-                m = attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns
+                a, m = attr.st_atime_ns, attr.st_mtime_ns
+                if not (fields.update_atime and fields.update_mtime):  # keep the other one
+                    cur = os.stat(target) if isinstance(target, int) else os.lstat(target)
+                    a = a if fields.update_atime else cur.st_atime_ns
+                    m = m if fields.update_mtime else cur.st_mtime_ns
                 if isinstance(target, int):
                     os.utime(target, ns=(a, m))
                 else:
@@ -1120,7 +1122,7 @@ class RWOperations(pyfuse3.Operations):
             raise self._refuse(name)
         rel = node.rel()
         if rel is not None:
-            st, _ = self.up.entry(rel)
+            st, _ = self.up.entry(rel, by_name=False)
             if st is not None:
                 try:
                     return os.getxattr(self.up.path(rel), uname, follow_symlinks=False)
@@ -1138,7 +1140,7 @@ class RWOperations(pyfuse3.Operations):
         node = self._node(inode)
         rel = node.rel()
         names: list[bytes] = []
-        st = self.up.entry(rel)[0] if rel is not None else None
+        st = self.up.entry(rel, by_name=False)[0] if rel is not None else None
         if rel is not None and st is not None:
             raw = os.listxattr(self.up.path(rel), follow_symlinks=False)
             for n in raw:
@@ -1172,7 +1174,7 @@ class RWOperations(pyfuse3.Operations):
             rel = node.rel()
             if rel is None:
                 raise _err(errno.ENOENT)
-            if self.up.entry(rel)[0] is None:
+            if self.up.entry(rel, by_name=False)[0] is None:
                 if node.lower is None or self.lower is None:
                     raise _err(errno.ENOENT)
                 if all(k != name for k, _ in self.lower.xattrs(node.lower)):
@@ -1195,7 +1197,7 @@ class RWOperations(pyfuse3.Operations):
             rel = await self._copy_up(node, with_data=not flags & os.O_TRUNC)
             in_upper = True
         else:
-            in_upper = self.up.entry(rel)[0] is not None
+            in_upper = self.up.entry(rel, by_name=False)[0] is not None
         oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY) | os.O_CLOEXEC | os.O_NOFOLLOW
         if in_upper:
             fd = os.open(self.up.path(rel), oflags)
@@ -1223,7 +1225,7 @@ class RWOperations(pyfuse3.Operations):
         if h.upper or h.gen == h.node.gen:
             return
         rel = h.node.rel()
-        if rel is None or self.up.entry(rel)[0] is None:
+        if rel is None or self.up.entry(rel, by_name=False)[0] is None:
             return
         fd = os.open(self.up.path(rel), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         os.close(h.fd)
