@@ -73,6 +73,7 @@ THREAD_COPY_BYTES = 1 << 20
 
 _INO_SHIFT = 48
 _TRUSTED = b"trusted."
+_CAPS = b"security.capability"
 ESCAPED_PREFIX = TRUSTED_PREFIX + b"overlay."
 """The kernel format stores view xattr ``trusted.overlay.X`` as ``trusted.overlay.overlay.X``."""
 
@@ -86,7 +87,11 @@ class Node:
     index inode merged at its path when the upper does not hide the lower there (no upper
     entry, or an upper dir that is not opaque), else None. ``nlookup``: the kernel's lookup
     count; ``opens``: open handles. A node is dropped when both are 0. ``gen`` grows on each
-    copy-up, so that a handle opened on the lower file re-opens the upper one.
+    copy-up, so that a handle opened on the lower file re-opens the upper one. ``no_caps``:
+    getxattr found no ``security.capability`` (the kernel asks before every write to a
+    regular file, to drop file capabilities); set by getxattr, cleared by setxattr. Caps
+    appear on the inode only by a setxattr through this view (the daemon is the upper's only
+    writer; a copy-up copies the lower's xattrs, which gave the same answer).
     Guarded by the view's mutation lock for writes (single-threaded event loop for reads)."""
 
     ino: int
@@ -95,6 +100,7 @@ class Node:
     nlookup: int = 0
     opens: int = 0
     gen: int = 0
+    no_caps: bool = False
 
     def rel(self) -> bytes | None:
         for p in self.paths:
@@ -432,7 +438,7 @@ class RWOperations(pyfuse3.Operations):
         node = self._node(inode)
         rel = node.rel()
         if rel is not None:
-            st, _ = self.up.entry(rel)
+            st, _ = self.up.entry(rel, by_name=False)
             if st is not None:
                 if not stat.S_ISLNK(st.st_mode):
                     raise _err(errno.EINVAL)
@@ -580,7 +586,7 @@ class RWOperations(pyfuse3.Operations):
 
     def _copy_up_sync(self, node: Node, rel: bytes, with_data: bool = True) -> None:
         """Copy up the lower entry *node* shown at *rel* (a file's whole hard-link group)."""
-        st, _ = self.up.entry(rel)
+        st, _ = self.up.entry(rel, by_name=False)
         if st is not None:
             return
         assert self.lower is not None and node.lower is not None
@@ -621,7 +627,7 @@ class RWOperations(pyfuse3.Operations):
         rel = node.rel()
         if rel is None:
             raise _err(errno.ENOENT)
-        st, _ = self.up.entry(rel)
+        st, _ = self.up.entry(rel, by_name=False)
         if st is not None:
             return rel
         if node.lower is None:
@@ -726,22 +732,28 @@ class RWOperations(pyfuse3.Operations):
 
     # -- owners of new entries ---------------------------------------------------------------
     def _new_owner(
-        self, prel: bytes, ctx: pyfuse3.RequestContext, is_dir: bool
+        self, pst: os.stat_result, ctx: pyfuse3.RequestContext, is_dir: bool
     ) -> tuple[int, int, int]:
-        """(uid, gid, extra mode bits) of a new entry in the upper dir *prel*: the caller's
-        fsuid and fsgid, the parent's group and S_ISGID for dirs below a set-gid dir."""
-        pst = os.lstat(self.up.path(prel))
+        """(uid, gid, extra mode bits) of a new entry in the upper dir whose lstat is *pst*:
+        the caller's fsuid and fsgid, the parent's group and S_ISGID for dirs below a
+        set-gid dir."""
         if pst.st_mode & stat.S_ISGID:
             return ctx.uid, pst.st_gid, stat.S_ISGID if is_dir else 0
         return ctx.uid, ctx.gid, 0
 
-    async def _prepare_parent(self, pnode: Node, prel: bytes) -> None:
-        if self.up.lstat(prel) is None:
+    async def _prepare_parent(self, pnode: Node, prel: bytes) -> os.stat_result:
+        """Make the upper dir *prel* exist (copy-up of its lower dirs); returns its lstat."""
+        pst = self.up.lstat(prel)
+        if pst is None:
             self._ensure_dir_sync(prel)
+            pst = os.lstat(self.up.path(prel))
+        return pst
 
     def _new_node(self, rel: bytes) -> tuple[Node, pyfuse3.EntryAttributes]:
+        """Bind the entry just made at *rel* (never the root). It has no origin xattr (only a
+        copy-up writes one), so its inode number comes from its lstat alone."""
         st = os.lstat(self.up.path(rel))
-        p = Probe(self._upper_ino(rel, st), st, None, None)
+        p = Probe(self.upper_tag | st.st_ino, st, None, None)
         node = self._bind(p, rel)
         node.nlookup += 1
         return node, self._ea_of_probe(p)
@@ -772,8 +784,8 @@ class RWOperations(pyfuse3.Operations):
         if self.fmt == "aufs" and name.startswith(WH_PREFIX):
             raise _err(errno.EINVAL)
         prel = rel.rpartition(b"/")[0]
-        await self._prepare_parent(pnode, prel)
-        uid, gid, extra = self._new_owner(prel, ctx, kind == "dir")
+        pst = await self._prepare_parent(pnode, prel)
+        uid, gid, extra = self._new_owner(pst, ctx, kind == "dir")
         perm = stat.S_IMODE(mode) | extra
         over = self.up.lstat(rel) is not None or self.up.whiteout_by_name(rel)
         lower_here = self._child_lower(pnode, name) is not None
@@ -858,11 +870,11 @@ class RWOperations(pyfuse3.Operations):
                 node.nlookup += 1
                 fi = await self._open_node(node, flags & ~(os.O_CREAT | os.O_EXCL))
                 return fi, self._attrs(node)
-            node, _ = await self._create_entry(
+            node, ea = await self._create_entry(
                 parent_inode, name, ctx, "node", stat.S_IFREG | stat.S_IMODE(mode)
             )
             fi = await self._open_node(node, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
-            return fi, self._attrs(node)
+            return fi, ea  # opening the new empty file changed none of its attributes
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         async with self.mutation:
@@ -1034,7 +1046,6 @@ class RWOperations(pyfuse3.Operations):
                 truncating = fields.update_size and attr.st_size == 0
                 rel = await self._copy_up(node, with_data=not truncating)
                 target = self.up.path(rel)
-            st = os.stat(target) if isinstance(target, int) else os.lstat(target)
             if fields.update_uid or fields.update_gid:
                 uid = attr.st_uid if fields.update_uid else -1
                 gid = attr.st_gid if fields.update_gid else -1
@@ -1043,6 +1054,7 @@ class RWOperations(pyfuse3.Operations):
                 else:
                     os.chown(target, uid, gid, follow_symlinks=False)
             if fields.update_mode:
+                st = os.stat(target) if isinstance(target, int) else os.lstat(target)
                 if stat.S_ISLNK(st.st_mode):
                     raise _err(errno.EOPNOTSUPP)
                 if isinstance(target, int):
@@ -1055,9 +1067,11 @@ class RWOperations(pyfuse3.Operations):
                 else:
                     os.truncate(target, attr.st_size)
             if fields.update_atime or fields.update_mtime:
-                cur = os.stat(target) if isinstance(target, int) else os.lstat(target)
-                a = attr.st_atime_ns if fields.update_atime else cur.st_atime_ns
-                m = attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns
+                a, m = attr.st_atime_ns, attr.st_mtime_ns
+                if not (fields.update_atime and fields.update_mtime):  # keep the other one
+                    cur = os.stat(target) if isinstance(target, int) else os.lstat(target)
+                    a = a if fields.update_atime else cur.st_atime_ns
+                    m = m if fields.update_mtime else cur.st_mtime_ns
                 if isinstance(target, int):
                     os.utime(target, ns=(a, m))
                 else:
@@ -1091,12 +1105,24 @@ class RWOperations(pyfuse3.Operations):
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
+        if name == _CAPS:
+            if node.no_caps:
+                raise _err(pyfuse3.ENOATTR)
+            try:
+                return await self._getxattr(node, name)
+            except pyfuse3.FUSEError as e:
+                if e.errno == pyfuse3.ENOATTR:
+                    node.no_caps = True
+                raise
+        return await self._getxattr(node, name)
+
+    async def _getxattr(self, node: Node, name: bytes) -> bytes:
         uname = self._upper_name(name)
         if uname is None:
             raise self._refuse(name)
         rel = node.rel()
         if rel is not None:
-            st, _ = self.up.entry(rel)
+            st, _ = self.up.entry(rel, by_name=False)
             if st is not None:
                 try:
                     return os.getxattr(self.up.path(rel), uname, follow_symlinks=False)
@@ -1114,7 +1140,7 @@ class RWOperations(pyfuse3.Operations):
         node = self._node(inode)
         rel = node.rel()
         names: list[bytes] = []
-        st = self.up.entry(rel)[0] if rel is not None else None
+        st = self.up.entry(rel, by_name=False)[0] if rel is not None else None
         if rel is not None and st is not None:
             raw = os.listxattr(self.up.path(rel), follow_symlinks=False)
             for n in raw:
@@ -1134,7 +1160,9 @@ class RWOperations(pyfuse3.Operations):
         if uname is None:
             raise _err(errno.EOPNOTSUPP)
         async with self.mutation:
-            rel = await self._copy_up(self._node(inode))
+            node = self._node(inode)
+            node.no_caps = False
+            rel = await self._copy_up(node)
             os.setxattr(self.up.path(rel), uname, value, follow_symlinks=False)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -1146,7 +1174,7 @@ class RWOperations(pyfuse3.Operations):
             rel = node.rel()
             if rel is None:
                 raise _err(errno.ENOENT)
-            if self.up.entry(rel)[0] is None:
+            if self.up.entry(rel, by_name=False)[0] is None:
                 if node.lower is None or self.lower is None:
                     raise _err(errno.ENOENT)
                 if all(k != name for k, _ in self.lower.xattrs(node.lower)):
@@ -1165,11 +1193,13 @@ class RWOperations(pyfuse3.Operations):
         if rel is None:
             raise _err(errno.ENOENT)
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
-        if writing:
+        if writing:  # after a copy-up the upper entry is there
             rel = await self._copy_up(node, with_data=not flags & os.O_TRUNC)
+            in_upper = True
+        else:
+            in_upper = self.up.entry(rel, by_name=False)[0] is not None
         oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY) | os.O_CLOEXEC | os.O_NOFOLLOW
-        st, _ = self.up.entry(rel)
-        if st is not None:
+        if in_upper:
             fd = os.open(self.up.path(rel), oflags)
             upper = True
         else:
@@ -1195,7 +1225,7 @@ class RWOperations(pyfuse3.Operations):
         if h.upper or h.gen == h.node.gen:
             return
         rel = h.node.rel()
-        if rel is None or self.up.entry(rel)[0] is None:
+        if rel is None or self.up.entry(rel, by_name=False)[0] is None:
             return
         fd = os.open(self.up.path(rel), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         os.close(h.fd)
@@ -1214,8 +1244,10 @@ class RWOperations(pyfuse3.Operations):
             raise _err(errno.EBADF)
         return os.pwrite(h.fd, buf, off)
 
-    async def flush(self, fh: int) -> None:
-        return None
+    # flush is left to the base class, which answers ENOSYS: the kernel then stops sending it
+    # (one request less per close(2)). Nothing is buffered here (write is a pwrite of the
+    # upper fd, whose errors are returned by write itself) and there are no lock handlers, so
+    # there is nothing for a close to flush or unlock; fuse-overlayfs answers the same.
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handles.get(fh)
