@@ -861,9 +861,13 @@ def test_xattr_edge_cases(tmp_path: Path) -> None:
 # -- crash atomicity of rename (fault injected with strace, no timing) ---------------------------
 
 
-def _crash_at_first_mknod(pid: int, mnt: str, op: str) -> None:
-    """SIGKILL daemon *pid* at its first mknod(2) (the whiteout a rename writes after moving
-    the entry) while a child runs *op* in the view; then drop the dead mount."""
+_MUTATING = "mknodat,mknod,renameat2,renameat,rename,unlinkat,unlink,rmdir,mkdirat,mkdir"
+
+
+def _crash_at(pid: int, mnt: str, op: str, calls: str, when: int) -> bool:
+    """SIGKILL daemon *pid* on entry to the *when*-th call of each syscall in *calls* (strace
+    counts per syscall) while a child runs *op* in the view; then drop the dead mount. False
+    if *op* finished first (the daemon made fewer calls: it is left running)."""
     import sys
 
     from conftest import process_gone, require_tool, wait_until
@@ -878,9 +882,9 @@ def _crash_at_first_mknod(pid: int, mnt: str, op: str) -> None:
             str(pid),
             "-qq",
             "-e",
-            "trace=mknodat,mknod",
+            f"trace={calls}",
             "-e",
-            "inject=mknodat,mknod:signal=SIGKILL",
+            f"inject={calls}:signal=SIGKILL:when={when}",
             "-o",
             "/dev/null",
         ],
@@ -894,10 +898,18 @@ def _crash_at_first_mknod(pid: int, mnt: str, op: str) -> None:
 
         wait_until(traced, "strace attached to the daemon", 30)
         child = subprocess.Popen([sys.executable, "-c", op, mnt])
-        wait_until(lambda: process_gone(pid), "the daemon was killed at its mknod", 60)
+        wait_until(
+            lambda: process_gone(pid) or child.poll() is not None,
+            "the daemon was killed or the rename finished",
+            60,
+        )
+        if not process_gone(pid):
+            child.wait(60)
+            return False
         abort_connection(mnt)
         child.wait(60)
         detach(mnt)
+        return True
     finally:
         if tracer.poll() is None:
             tracer.kill()
@@ -912,11 +924,14 @@ _CRASH_CASES = {
 }
 
 
+@pytest.mark.parametrize("point", ["mknod-1", "any-1", "any-2", "any-3"])
 @pytest.mark.parametrize("case", sorted(_CRASH_CASES))
-def test_crash_in_rename_is_atomic(tmp_path: Path, case: str) -> None:
+def test_crash_in_rename_is_atomic(tmp_path: Path, case: str, point: str) -> None:
     """The kernel's rename is atomic: after a crash of the daemon inside rename(SRC, DST) (SRC
     in the lower, DST in the upper), the upper shows the old state or the new one, never SRC
-    and DST both. The crash is injected at the daemon's first mknod(2) inside the rename."""
+    and DST both. The crash is injected at the daemon's first mknod(2) inside the rename, or
+    at its 1st, 2nd, 3rd call of each mutating syscall (mknod, rename, unlink, rmdir, mkdir);
+    a rename that makes fewer such calls finishes and must show the new state."""
     from test_rw_posix import HIDDEN, build_lower, kernel_ro, kernel_rw, layerfs_rw
 
     from fs_helpers import snapshot
@@ -956,11 +971,15 @@ def test_crash_in_rename_is_atomic(tmp_path: Path, case: str) -> None:
             f" os.rename(sys.argv[1]+'/{src}', sys.argv[1]+'/{dst}')\n"
             "except OSError:\n pass"
         )
-        _crash_at_first_mknod(pid, str(mnt), op)
+        which, _, n = point.partition("-")
+        calls = "mknodat,mknod" if which == "mknod" else _MUTATING
+        crashed = _crash_at(pid, str(mnt), op, calls, int(n))
     with kernel_ro([str(base / "u"), lower], base / "again") as m:
         got = {p: r["type"] for p, r in snapshot(m, HIDDEN).items()}
     keys = {p for p in set(got) | set(states["before"]) if p.startswith((src, dst))}
     view = {p: got.get(p) for p in sorted(keys)}
+    if not crashed:
+        assert got == states["after"], f"after the rename the upper shows {view}"
     assert got in (states["before"], states["after"]), f"after the crash the upper shows {view}"
 
 

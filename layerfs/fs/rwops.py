@@ -945,33 +945,16 @@ class RWOperations(pyfuse3.Operations):
                 self._group_up_before_unlink(drel, dp)
             await self._prepare_move(snode, srel, sp, s_dir)
             self._ensure_dir_sync(drel.rpartition(b"/")[0])
-            s_abs, d_abs = self.up.path(srel), self.up.path(drel)
+            s_abs = self.up.path(srel)
             lower_at_dst = self._child_lower(dpnode, name_new) is not None
             if s_dir and lower_at_dst and not self.up.is_opaque(srel):
                 self.up.mark_opaque(s_abs)
             d_upper = self.up.lstat(drel)
-            s_lower = sp.lower_here is not None
-            if d_upper is not None:
-                if s_dir or stat.S_ISDIR(d_upper.st_mode):
-                    renameat2(s_abs, d_abs, RENAME_EXCHANGE)
-                    if s_lower:
-                        self.up.whiteout(srel)
-                    else:
-                        self.up.remove(srel)
-                else:
-                    os.rename(s_abs, d_abs)
-                    if s_lower:
-                        self.up.whiteout(srel)
-            elif s_lower:
-                try:
-                    renameat2(s_abs, d_abs, RENAME_WHITEOUT)
-                except OSError as e:
-                    if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                        raise
-                    os.rename(s_abs, d_abs)
-                    self.up.whiteout(srel)
-            else:
-                os.rename(s_abs, d_abs)
+            if dp is not None and d_upper is not None and stat.S_ISDIR(d_upper.st_mode):
+                # crash-atomic: first an on-disk empty dst (the view does not change), then
+                # one rename that also leaves the whiteout at the source
+                self.up.clear_dir(drel, lower_at_dst, dp.ino)
+            self.up.move(srel, drel, whiteout=sp.lower_here is not None)
             self.up.clear_name_whiteout(drel)
             self._unbind(drel)
             self._move_paths(srel, drel, clear_lower=s_dir)
