@@ -771,6 +771,8 @@ class RWOperations(pyfuse3.Operations):
             raise _err(errno.EEXIST)
         if self.fmt == "aufs" and name.startswith(WH_PREFIX):
             raise _err(errno.EINVAL)
+        if kind == "node" and stat.S_ISCHR(mode) and rdev == 0:
+            raise _err(errno.EPERM)  # a whiteout's form: the kernel refuses it, as here
         prel = rel.rpartition(b"/")[0]
         await self._prepare_parent(pnode, prel)
         uid, gid, extra = self._new_owner(prel, ctx, kind == "dir")
