@@ -922,6 +922,8 @@ class RWOperations(pyfuse3.Operations):
             dpnode, drel, dp = self._probe_child(parent_inode_new, name_new)
             if sp is None:
                 raise _err(errno.ENOENT)
+            if self.fmt == "aufs" and name_new.startswith(WH_PREFIX):
+                raise _err(errno.EINVAL)  # a ``.wh.`` name is a whiteout here (as create)
             if flags & RENAME_NOREPLACE and dp is not None:
                 raise _err(errno.EEXIST)
             if flags & RENAME_EXCHANGE:
