@@ -1154,7 +1154,10 @@ class RWOperations(pyfuse3.Operations):
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         if writing:
             rel = await self._copy_up(node, with_data=not flags & os.O_TRUNC)
-        oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY) | os.O_CLOEXEC | os.O_NOFOLLOW
+        # O_DIRECT is the kernel's business (it sends direct I/O as it comes); the daemon's
+        # own fd must not have it, or its unaligned pwrite/pread buffers give EINVAL
+        strip = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
+        oflags = flags & ~strip | os.O_CLOEXEC | os.O_NOFOLLOW
         st, _ = self.up.entry(rel)
         if st is not None:
             fd = os.open(self.up.path(rel), oflags)
