@@ -283,6 +283,12 @@ class RWOperations(pyfuse3.Operations):
                 # as the kernel: the open file's own count (0 for an unlinked upper file;
                 # a lower file opened before its name was whited out keeps its count)
                 return self._ea_of_stat(node.ino, os.fstat(h.fd), False)
+        if node.lower is not None and self._lower_is_dir(node.lower):
+            # a removed dir still open (a cwd, a dir fd) that stood on a lower dir: as the
+            # kernel, its attributes stay those of the deleted merged dir (link count 1)
+            ea = self._ea_of_lower(node.lower)
+            ea.st_nlink = 1
+            return ea
         raise _err(errno.ENOENT)
 
     # -- resolving -------------------------------------------------------------------------
