@@ -13,6 +13,24 @@ Inode numbers are stable across copy-up and remount:
 * any other upper entry has ``(number of lowers + 1) << 48 | st_ino``, the number the index
   gives it once this upper dir becomes the top lower layer of a later view.
 
+Xattrs set through the view are stored under an escaped name where the plain one would be
+bookkeeping: ``trusted.layerfs.X`` as ``trusted.layerfs.layerfs.X`` (every format, so that
+``trusted.layerfs.origin`` stays unforgeable from the view while the kernel, which knows no
+such name, stores it as a plain xattr), and in the kernel format ``trusted.overlay.X`` as
+``trusted.overlay.overlay.X`` (as kernel overlayfs 6.7+ does).
+
+Differences from kernel overlayfs (each pinned by a test in ``tests/test_rw_attack.py``):
+
+* ``fallocate(2)`` of every mode is ``EOPNOTSUPP`` (the kernel passes it to the upper fs):
+  pyfuse3 3.5 has no fallocate handler (``test_fallocate_punch_hole_zero_range_keep_size``).
+* ``open(O_TMPFILE)`` is ``EOPNOTSUPP`` (the kernel makes the file in the upper dir): pyfuse3
+  3.5 has no tmpfile handler (``test_o_tmpfile``).
+* Paths whose upper-dir path is longer than ``PATH_MAX`` are ``ENAMETOOLONG`` (the kernel
+  works with dentries): :class:`~layerfs.fs.upper.Upper` addresses entries by absolute path
+  strings (``test_paths_longer_than_path_max``).
+* ``trusted.layerfs.X`` set through the view is stored as ``trusted.layerfs.layerfs.X`` (see
+  above); the kernel stores the plain name (``test_layerfs_xattrs_from_view_are_plain``).
+
 Nodes: :class:`Node` is one inode the kernel knows (lookup count > 0) or that is open. It
 records the view paths it is known under (hard links: several) and the lower index inode merged
 below its path, if any. Paths of nodes are rewritten on rename.
@@ -46,10 +64,12 @@ from layerfs.fs.upper import (
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
     Upper,
+    is_bookkeeping_xattr,
     list_xattrs,
     renameat2,
 )
 from layerfs.overlayfmt import (
+    LAYERFS_PREFIX,
     TRUSTED_PREFIX,
     WH_PREFIX,
     WRITE_HIDDEN_PREFIXES,
@@ -75,6 +95,9 @@ _INO_SHIFT = 48
 _TRUSTED = b"trusted."
 ESCAPED_PREFIX = TRUSTED_PREFIX + b"overlay."
 """The kernel format stores view xattr ``trusted.overlay.X`` as ``trusted.overlay.overlay.X``."""
+LAYERFS_ESCAPED = LAYERFS_PREFIX + b"layerfs."
+"""Every format stores view xattr ``trusted.layerfs.X`` as ``trusted.layerfs.layerfs.X``: the
+view's own bookkeeping names (``trusted.layerfs.origin``) cannot be set from the view."""
 
 
 @dataclass
@@ -691,7 +714,7 @@ class RWOperations(pyfuse3.Operations):
                 xattrs = [
                     kv
                     for kv in list_xattrs(self.up.path(rel))
-                    if not is_write_internal_xattr(self.fmt, kv[0])
+                    if not is_bookkeeping_xattr(self.fmt, kv[0])
                 ]
                 self.up.copy_attrs(
                     tmp, st.st_mode, st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns, xattrs
@@ -1065,8 +1088,8 @@ class RWOperations(pyfuse3.Operations):
         """The upper dir's xattr name for view xattr *name*, None if it cannot be set. The
         kernel format escapes ``trusted.overlay.X`` as ``trusted.overlay.overlay.X``, as kernel
         overlayfs (6.7+) does for nested overlays; fuse-overlayfs refuses its internal names."""
-        if name.startswith(WRITE_HIDDEN_PREFIXES):
-            return None
+        if name.startswith(LAYERFS_PREFIX):
+            return LAYERFS_ESCAPED + name[len(LAYERFS_PREFIX) :]
         if self.fmt == "kernel" and name.startswith(TRUSTED_PREFIX):
             return ESCAPED_PREFIX + name[len(TRUSTED_PREFIX) :]
         return None if is_hidden_xattr(self.fmt, name) else name
@@ -1075,6 +1098,8 @@ class RWOperations(pyfuse3.Operations):
         """The view's name of upper xattr *uname* (None: internal, never shown)."""
         if self.fmt == "kernel" and uname.startswith(ESCAPED_PREFIX):
             return TRUSTED_PREFIX + uname[len(ESCAPED_PREFIX) :]
+        if uname.startswith(LAYERFS_ESCAPED):
+            return LAYERFS_PREFIX + uname[len(LAYERFS_ESCAPED) :]
         return None if self._internal(uname) else uname
 
     def _refuse(self, name: bytes) -> pyfuse3.FUSEError:

@@ -28,10 +28,12 @@ from collections.abc import Iterable
 
 from layerfs.overlayfmt import (
     FUSE_OPAQUE,
+    LAYERFS_PREFIX,
     OPAQUE_MARKER,
     OPAQUE_MARKER_MODE,
     ORIGIN_XATTR,
     TRUSTED_OPAQUE,
+    TRUSTED_PREFIX,
     USER_OPAQUE,
     WH_PREFIX,
     WhiteoutFormat,
@@ -91,6 +93,17 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
             break
         os.pwrite(dst_fd, buf, off)
         off += len(buf)
+
+
+def is_bookkeeping_xattr(fmt: WhiteoutFormat, name: bytes) -> bool:
+    """True for an upper xattr that is the format's or the view's own bookkeeping (not copied
+    to a new upper entry); escaped view xattrs (``trusted.overlay.overlay.X`` in the kernel
+    format, ``trusted.layerfs.layerfs.X``) are the user's and are copied."""
+    if name.startswith(LAYERFS_PREFIX + b"layerfs."):
+        return False
+    if fmt == "kernel" and name.startswith(TRUSTED_PREFIX + b"overlay."):
+        return False
+    return is_write_internal_xattr(fmt, name)
 
 
 def list_xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
@@ -285,7 +298,7 @@ class Upper:
         tmp = self.temp()
         os.mkdir(tmp, 0o700)
         try:
-            keep = [kv for kv in list_xattrs(p) if not is_write_internal_xattr(self.fmt, kv[0])]
+            keep = [kv for kv in list_xattrs(p) if not is_bookkeeping_xattr(self.fmt, kv[0])]
             self.copy_attrs(
                 tmp, st.st_mode, st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns, keep
             )
@@ -384,7 +397,7 @@ class Upper:
         chown clears set-id bits, writing some xattrs such as ACLs sets the mode)."""
         os.chown(dst, uid, gid, follow_symlinks=False)
         for k, v in xattrs:
-            if is_write_internal_xattr(self.fmt, k):
+            if is_bookkeeping_xattr(self.fmt, k):
                 continue
             try:
                 os.setxattr(dst, k, v, follow_symlinks=False)
