@@ -74,6 +74,14 @@ def test_rename_lower_dir_with_whiteouts_and_links(tmp_path: Path) -> None:
         finish(pair, dir_nlink=False)
 
 
+REMOUNT_DIR_NLINK_AFTER_GROUP_COPY_UP = False
+"""A lower hard-link group touched through the view is copied up at every member's path, so
+the members' parent dirs exist in the layerfs upper; the live view shows them with the lower
+link count, as the kernel (which keeps the group in its index dir and leaves the dirs lower),
+but the kernel remounting that upper sees merged dirs (link count 1): a documented difference
+(:mod:`layerfs.fs.rwops`), so link counts of dirs are not compared after that remount."""
+
+
 def test_unlink_one_hard_link_others_keep_count(tmp_path: Path) -> None:
     with mounted_pair(tmp_path) as pair:
         pair.run(lambda r: _stat(f"{r}/h2")[1])
@@ -81,7 +89,7 @@ def test_unlink_one_hard_link_others_keep_count(tmp_path: Path) -> None:
         pair.run(lambda r: _write(f"{r}/h2", b"X", os.O_WRONLY | os.O_APPEND))
         pair.run(lambda r: (_read(f"{r}/d/h3"), _stat(f"{r}/d/h3")[1]))
         pair.run(lambda r: os.link(f"{r}/h2", f"{r}/h4") or _stat(f"{r}/d/h3")[1])
-        finish(pair)
+        finish(pair, remount_dir_nlink=REMOUNT_DIR_NLINK_AFTER_GROUP_COPY_UP)
 
 
 def test_ro_fd_before_copy_up_sees_new_data(tmp_path: Path) -> None:
@@ -692,7 +700,7 @@ def test_fd_on_hard_link_sees_write_through_other_link(tmp_path: Path) -> None:
     with mounted_pair(tmp_path) as pair:
         pair.run(op)
         pair.run(lambda r: (_read(f"{r}/h2"), _read(f"{r}/d/h3")))
-        finish(pair)
+        finish(pair, remount_dir_nlink=REMOUNT_DIR_NLINK_AFTER_GROUP_COPY_UP)
 
 
 def test_open_unlinked_lower_file_then_recreated(tmp_path: Path) -> None:

@@ -28,6 +28,10 @@ Differences from kernel overlayfs (each pinned by a test in ``tests/test_rw_atta
 * Paths whose upper-dir path is longer than ``PATH_MAX`` are ``ENAMETOOLONG`` (the kernel
   works with dentries): :class:`~layerfs.fs.upper.Upper` addresses entries by absolute path
   strings (``test_paths_longer_than_path_max``).
+* A lower hard-link group touched through the view is copied up at every member's path (the
+  kernel keeps it in its index dir): the view shows the other members' parent dirs with the
+  lower link count, as the kernel, but the kernel remounting the upper shows them merged
+  (link count 1) (``test_unlink_one_hard_link_others_keep_count``).
 * ``trusted.layerfs.X`` set through the view is stored as ``trusted.layerfs.layerfs.X`` (see
   above); the kernel stores the plain name (``test_layerfs_xattrs_from_view_are_plain``).
 
@@ -286,9 +290,21 @@ class RWOperations(pyfuse3.Operations):
         ea.st_ctime_ns = a.ctime_ns
         return ea
 
-    def _ea_of_probe(self, p: Probe) -> pyfuse3.EntryAttributes:
+    def _merged_dir_ea(
+        self, ino: int, rel: bytes, st: os.stat_result, lino: int
+    ) -> pyfuse3.EntryAttributes:
+        """A merged dir: link count 1 (as the kernel), or the lower dir's where the upper dir
+        exists only for a hard-link group (:data:`~layerfs.fs.upper.LOWER_LINKS_XATTR`)."""
+        ea = self._ea_of_stat(ino, st, True)
+        if self.lower is not None and self.up.keeps_lower_links(rel, st):
+            ea.st_nlink = self.lower.attr(lino).nlink
+        return ea
+
+    def _ea_of_probe(self, p: Probe, rel: bytes | None = None) -> pyfuse3.EntryAttributes:
         if p.st is not None:
             merged = stat.S_ISDIR(p.st.st_mode) and p.lower is not None
+            if merged and rel is not None and p.lower is not None:
+                return self._merged_dir_ea(p.ino, rel, p.st, p.lower)
             return self._ea_of_stat(p.ino, p.st, merged)
         assert p.lower is not None
         return self._ea_of_lower(p.lower)
@@ -297,8 +313,9 @@ class RWOperations(pyfuse3.Operations):
         for rel in node.paths:
             st, wh = self.up.entry(rel, by_name=False)
             if st is not None:
-                merged = stat.S_ISDIR(st.st_mode) and node.lower is not None
-                return self._ea_of_stat(node.ino, st, merged)
+                if stat.S_ISDIR(st.st_mode) and node.lower is not None:
+                    return self._merged_dir_ea(node.ino, rel, st, node.lower)
+                return self._ea_of_stat(node.ino, st, False)
             if not wh and node.lower is not None:
                 return self._ea_of_lower(node.lower)
         for h in self._handles.values():
@@ -442,7 +459,7 @@ class RWOperations(pyfuse3.Operations):
                 return self._negative
             node = self._bind(p, rel)
             node.nlookup += 1
-            return self._ea_of_probe(p)
+            return self._ea_of_probe(p, rel)
         node.nlookup += 1
         return self._attrs(node)
 
@@ -514,7 +531,7 @@ class RWOperations(pyfuse3.Operations):
             if p is None:
                 continue
             child = self._bind(p, crel)
-            if not pyfuse3.readdir_reply(token, name, self._ea_of_probe(p), i + 3):
+            if not pyfuse3.readdir_reply(token, name, self._ea_of_probe(p, crel), i + 3):
                 self._maybe_drop(child)
                 return
             child.nlookup += 1
@@ -589,6 +606,7 @@ class RWOperations(pyfuse3.Operations):
         times = self.up.keep_times(prel)
         self.up.place(tmp, rel)
         self.up.restore_times(prel, times)
+        self.up.drop_lower_links(prel)  # the kernel would have copied the parent up too
 
     def _ensure_dir_sync(self, rel: bytes) -> None:
         """Copy up the directory *rel* of the view and its parents, root first."""
@@ -622,14 +640,24 @@ class RWOperations(pyfuse3.Operations):
         group = [rel]
         if a.nlink > 1:
             group += [r for r in self._group_paths(lino) if r != rel]
-        for r in group:
-            self._ensure_dir_sync(r.rpartition(b"/")[0])
+        only_for_group: list[bytes] = []  # dirs made just for other members (see Upper)
+        for i, r in enumerate(group):
+            prel = r.rpartition(b"/")[0]
+            if i > 0:
+                cur = b""
+                for c in prel.split(b"/") if prel else []:
+                    cur = _join(cur, c)
+                    if self.up.lstat(cur) is None:
+                        only_for_group.append(cur)
+            self._ensure_dir_sync(prel)
         tmp = self._copy_lower_to_temp(lino, node.ino, with_data)
         self._install(tmp, rel)
         for r in group[1:]:
             tmp = self.up.temp()
             os.link(self.up.path(rel), tmp)
             self._install(tmp, r)
+        for d in only_for_group:
+            self.up.mark_lower_links(d)
         node.gen += 1
 
     def _group_paths(self, lino: int) -> list[bytes]:
@@ -652,6 +680,8 @@ class RWOperations(pyfuse3.Operations):
             raise _err(errno.ENOENT)
         st, _ = self.up.entry(rel)
         if st is not None:
+            if stat.S_ISDIR(st.st_mode) and node.lower is not None:
+                self.up.drop_lower_links(rel)  # a change of the dir: the kernel copies it up
             return rel
         if node.lower is None:
             raise _err(errno.ENOENT)
@@ -747,6 +777,7 @@ class RWOperations(pyfuse3.Operations):
         ptimes = self.up.keep_times(prel)
         self.up.place(tmp, rel)
         self.up.restore_times(prel, ptimes)
+        self.up.drop_lower_links(prel)
         pre = rel + b"/"
         for r, n in self.by_path.items():
             if r == rel or r.startswith(pre):

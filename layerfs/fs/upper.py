@@ -43,6 +43,13 @@ from layerfs.overlayfmt import (
     opaque_xattrs,
 )
 
+LOWER_LINKS_XATTR = LAYERFS_PREFIX + b"lowerlinks"
+"""On an upper dir made only as the parent of a copied-up hard-link group member (where kernel
+overlayfs, which keeps such groups in its index dir, leaves the lower dir alone): the dir's
+mtime (ns, decimal) when marked. While the mtime is unchanged and no copy-up, setattr or
+xattr change reached the dir (those drop the mark), the view shows the lower dir's link
+count instead of a merged dir's 1."""
+
 WORK_SUBDIR = b"work"
 """Temporary entries live in ``WORK/work`` (the name kernel overlayfs and fuse-overlayfs use)."""
 
@@ -232,7 +239,28 @@ class Upper:
             entries.pop(n, None)
         return entries, wh
 
+    def keeps_lower_links(self, rel: bytes, st: os.stat_result) -> bool:
+        """True if the upper dir *rel* (lstat *st*) carries a still valid
+        :data:`LOWER_LINKS_XATTR` mark."""
+        try:
+            v = os.getxattr(self.path(rel), LOWER_LINKS_XATTR, follow_symlinks=False)
+        except OSError:
+            return False
+        return v == str(st.st_mtime_ns).encode()
+
     # -- small mutations ------------------------------------------------------------------
+    def mark_lower_links(self, rel: bytes) -> None:
+        p = self.path(rel)
+        mtime = os.lstat(p).st_mtime_ns
+        os.setxattr(p, LOWER_LINKS_XATTR, str(mtime).encode(), follow_symlinks=False)
+
+    def drop_lower_links(self, rel: bytes) -> None:
+        try:
+            os.removexattr(self.path(rel), LOWER_LINKS_XATTR, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT, errno.ENOTDIR):
+                raise
+
     def set_origin(self, path: bytes, ino: int) -> None:
         os.setxattr(path, ORIGIN_XATTR, str(ino).encode(), follow_symlinks=False)
 
