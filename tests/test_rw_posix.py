@@ -373,7 +373,9 @@ def test_hard_link_counts(tmp_path: Path) -> None:
     with layerfs_rw([lower], str(up), str(work), mnt):
         compare_trees(snapshot(str(mnt), HIDDEN), live, 0, "remounted")
     with kernel_ro([str(up), lower], tmp_path / "again") as m:
-        compare_trees(snapshot(m, HIDDEN), live, 0, "upper remounted by the kernel")
+        # dirs made for the group show the lower link count live, 1 when the kernel remounts
+        # the upper (documented difference, layerfs.fs.rwops): no dir link counts here
+        compare_trees(snapshot(m, HIDDEN), live, 0, "upper remounted by the kernel", False)
 
 
 def test_link_symlink_mknod(pair: Pair) -> None:

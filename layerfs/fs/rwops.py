@@ -31,7 +31,9 @@ Differences from kernel overlayfs (each pinned by a test in ``tests/test_rw_atta
 * A lower hard-link group touched through the view is copied up at every member's path (the
   kernel keeps it in its index dir): the view shows the other members' parent dirs with the
   lower link count, as the kernel, but the kernel remounting the upper shows them merged
-  (link count 1) (``test_unlink_one_hard_link_others_keep_count``).
+  (link count 1) (``test_unlink_one_hard_link_others_keep_count``). A FUSE open names an
+  inode, not the link it came through: a later write through another member of the group
+  counts as a change of the first-known member's dir only.
 * ``trusted.layerfs.X`` set through the view is stored as ``trusted.layerfs.layerfs.X`` (see
   above); the kernel stores the plain name (``test_layerfs_xattrs_from_view_are_plain``).
 
@@ -606,7 +608,14 @@ class RWOperations(pyfuse3.Operations):
         times = self.up.keep_times(prel)
         self.up.place(tmp, rel)
         self.up.restore_times(prel, times)
-        self.up.drop_lower_links(prel)  # the kernel would have copied the parent up too
+        self._dirs_changed(prel)  # the kernel would have copied the parents up too
+
+    def _dirs_changed(self, rel: bytes) -> None:
+        """The kernel would have copied up the dir *rel* and its parents: drop their
+        :data:`~layerfs.fs.upper.LOWER_LINKS_XATTR` marks."""
+        while rel:
+            self.up.drop_lower_links(rel)
+            rel = rel.rpartition(b"/")[0]
 
     def _ensure_dir_sync(self, rel: bytes) -> None:
         """Copy up the directory *rel* of the view and its parents, root first."""
@@ -680,8 +689,10 @@ class RWOperations(pyfuse3.Operations):
             raise _err(errno.ENOENT)
         st, _ = self.up.entry(rel)
         if st is not None:
-            if stat.S_ISDIR(st.st_mode) and node.lower is not None:
-                self.up.drop_lower_links(rel)  # a change of the dir: the kernel copies it up
+            if (stat.S_ISDIR(st.st_mode) and node.lower is not None) or (
+                stat.S_ISREG(st.st_mode) and st.st_nlink > 1
+            ):  # (a dir, or maybe a hard-link group member: the kernel copies up now)
+                self._dirs_changed(rel if stat.S_ISDIR(st.st_mode) else rel.rpartition(b"/")[0])
             return rel
         if node.lower is None:
             raise _err(errno.ENOENT)
@@ -777,7 +788,7 @@ class RWOperations(pyfuse3.Operations):
         ptimes = self.up.keep_times(prel)
         self.up.place(tmp, rel)
         self.up.restore_times(prel, ptimes)
-        self.up.drop_lower_links(prel)
+        self._dirs_changed(prel)
         pre = rel + b"/"
         for r, n in self.by_path.items():
             if r == rel or r.startswith(pre):
