@@ -197,8 +197,9 @@ def mounted_pair(base: Path) -> Iterator[Pair]:
         yield pair
 
 
-def finish(pair: Pair, dir_nlink: bool = True) -> None:
-    """Compare the live views, unmount, and compare each upper dir remounted by the kernel."""
+def finish(pair: Pair, dir_nlink: bool = True, remount_dir_nlink: bool | None = None) -> None:
+    """Compare the live views, unmount, and compare each upper dir remounted by the kernel
+    (dir link counts there only if *remount_dir_nlink*, default *dir_nlink*)."""
     got, want = snapshot(pair.l, HIDDEN), snapshot(pair.k, HIDDEN)
     compare_trees(got, want, pair.started, "live views", dir_nlink)
     cleanup_mount(pair.l, None)
@@ -208,7 +209,8 @@ def finish(pair: Pair, dir_nlink: bool = True) -> None:
     d = pair.dirs["l"]
     with kernel_ro([d["upper"], d["lower"]], pair.base / "l" / "again") as m:
         again = snapshot(m, HIDDEN)
-    compare_trees(again, got, pair.started, "layerfs upper remounted by the kernel", dir_nlink)
+    remount_nlink = dir_nlink if remount_dir_nlink is None else remount_dir_nlink
+    compare_trees(again, got, pair.started, "layerfs upper remounted by the kernel", remount_nlink)
 
 
 @pytest.fixture
@@ -371,7 +373,9 @@ def test_hard_link_counts(tmp_path: Path) -> None:
     with layerfs_rw([lower], str(up), str(work), mnt):
         compare_trees(snapshot(str(mnt), HIDDEN), live, 0, "remounted")
     with kernel_ro([str(up), lower], tmp_path / "again") as m:
-        compare_trees(snapshot(m, HIDDEN), live, 0, "upper remounted by the kernel")
+        # dirs made for the group show the lower link count live, 1 when the kernel remounts
+        # the upper (documented difference, layerfs.fs.rwops): no dir link counts here
+        compare_trees(snapshot(m, HIDDEN), live, 0, "upper remounted by the kernel", False)
 
 
 def test_link_symlink_mknod(pair: Pair) -> None:

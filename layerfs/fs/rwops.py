@@ -13,6 +13,30 @@ Inode numbers are stable across copy-up and remount:
 * any other upper entry has ``(number of lowers + 1) << 48 | st_ino``, the number the index
   gives it once this upper dir becomes the top lower layer of a later view.
 
+Xattrs set through the view are stored under an escaped name where the plain one would be
+bookkeeping: ``trusted.layerfs.X`` as ``trusted.layerfs.layerfs.X`` (every format, so that
+``trusted.layerfs.origin`` stays unforgeable from the view while the kernel, which knows no
+such name, stores it as a plain xattr), and in the kernel format ``trusted.overlay.X`` as
+``trusted.overlay.overlay.X`` (as kernel overlayfs 6.7+ does).
+
+Differences from kernel overlayfs (each pinned by a test in ``tests/test_rw_attack.py``):
+
+* ``fallocate(2)`` of every mode is ``EOPNOTSUPP`` (the kernel passes it to the upper fs):
+  pyfuse3 3.5 has no fallocate handler (``test_fallocate_punch_hole_zero_range_keep_size``).
+* ``open(O_TMPFILE)`` is ``EOPNOTSUPP`` (the kernel makes the file in the upper dir): pyfuse3
+  3.5 has no tmpfile handler (``test_o_tmpfile``).
+* Paths whose upper-dir path is longer than ``PATH_MAX`` are ``ENAMETOOLONG`` (the kernel
+  works with dentries): :class:`~layerfs.fs.upper.Upper` addresses entries by absolute path
+  strings (``test_paths_longer_than_path_max``).
+* A lower hard-link group touched through the view is copied up at every member's path (the
+  kernel keeps it in its index dir): the view shows the other members' parent dirs with the
+  lower link count, as the kernel, but the kernel remounting the upper shows them merged
+  (link count 1) (``test_unlink_one_hard_link_others_keep_count``). A FUSE open names an
+  inode, not the link it came through: a later write through another member of the group
+  counts as a change of the first-known member's dir only.
+* ``trusted.layerfs.X`` set through the view is stored as ``trusted.layerfs.layerfs.X`` (see
+  above); the kernel stores the plain name (``test_layerfs_xattrs_from_view_are_plain``).
+
 Nodes: :class:`Node` is one inode the kernel knows (lookup count > 0) or that is open. It
 records the view paths it is known under (hard links: several) and the lower index inode merged
 below its path, if any. Paths of nodes are rewritten on rename.
@@ -46,10 +70,12 @@ from layerfs.fs.upper import (
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
     Upper,
+    is_bookkeeping_xattr,
     list_xattrs,
     renameat2,
 )
 from layerfs.overlayfmt import (
+    LAYERFS_PREFIX,
     TRUSTED_PREFIX,
     WH_PREFIX,
     WRITE_HIDDEN_PREFIXES,
@@ -76,6 +102,9 @@ _TRUSTED = b"trusted."
 _CAPS = b"security.capability"
 ESCAPED_PREFIX = TRUSTED_PREFIX + b"overlay."
 """The kernel format stores view xattr ``trusted.overlay.X`` as ``trusted.overlay.overlay.X``."""
+LAYERFS_ESCAPED = LAYERFS_PREFIX + b"layerfs."
+"""Every format stores view xattr ``trusted.layerfs.X`` as ``trusted.layerfs.layerfs.X``: the
+view's own bookkeeping names (``trusted.layerfs.origin``) cannot be set from the view."""
 
 
 @dataclass
@@ -269,9 +298,21 @@ class RWOperations(pyfuse3.Operations):
         ea.st_ctime_ns = a.ctime_ns
         return ea
 
-    def _ea_of_probe(self, p: Probe) -> pyfuse3.EntryAttributes:
+    def _merged_dir_ea(
+        self, ino: int, rel: bytes, st: os.stat_result, lino: int
+    ) -> pyfuse3.EntryAttributes:
+        """A merged dir: link count 1 (as the kernel), or the lower dir's where the upper dir
+        exists only for a hard-link group (:data:`~layerfs.fs.upper.LOWER_LINKS_XATTR`)."""
+        ea = self._ea_of_stat(ino, st, True)
+        if self.lower is not None and self.up.keeps_lower_links(rel, st):
+            ea.st_nlink = self.lower.attr(lino).nlink
+        return ea
+
+    def _ea_of_probe(self, p: Probe, rel: bytes | None = None) -> pyfuse3.EntryAttributes:
         if p.st is not None:
             merged = stat.S_ISDIR(p.st.st_mode) and p.lower is not None
+            if merged and rel is not None and p.lower is not None:
+                return self._merged_dir_ea(p.ino, rel, p.st, p.lower)
             return self._ea_of_stat(p.ino, p.st, merged)
         assert p.lower is not None
         return self._ea_of_lower(p.lower)
@@ -280,8 +321,9 @@ class RWOperations(pyfuse3.Operations):
         for rel in node.paths:
             st, wh = self.up.entry(rel, by_name=False)
             if st is not None:
-                merged = stat.S_ISDIR(st.st_mode) and node.lower is not None
-                return self._ea_of_stat(node.ino, st, merged)
+                if stat.S_ISDIR(st.st_mode) and node.lower is not None:
+                    return self._merged_dir_ea(node.ino, rel, st, node.lower)
+                return self._ea_of_stat(node.ino, st, False)
             if not wh and node.lower is not None:
                 return self._ea_of_lower(node.lower)
         for h in self._handles.values():
@@ -289,6 +331,12 @@ class RWOperations(pyfuse3.Operations):
                 # as the kernel: the open file's own count (0 for an unlinked upper file;
                 # a lower file opened before its name was whited out keeps its count)
                 return self._ea_of_stat(node.ino, os.fstat(h.fd), False)
+        if node.lower is not None and self._lower_is_dir(node.lower):
+            # a removed dir still open (a cwd, a dir fd) that stood on a lower dir: as the
+            # kernel, its attributes stay those of the deleted merged dir (link count 1)
+            ea = self._ea_of_lower(node.lower)
+            ea.st_nlink = 1
+            return ea
         raise _err(errno.ENOENT)
 
     # -- resolving -------------------------------------------------------------------------
@@ -419,7 +467,7 @@ class RWOperations(pyfuse3.Operations):
                 return self._negative
             node = self._bind(p, rel)
             node.nlookup += 1
-            return self._ea_of_probe(p)
+            return self._ea_of_probe(p, rel)
         node.nlookup += 1
         return self._attrs(node)
 
@@ -491,7 +539,7 @@ class RWOperations(pyfuse3.Operations):
             if p is None:
                 continue
             child = self._bind(p, crel)
-            if not pyfuse3.readdir_reply(token, name, self._ea_of_probe(p), i + 3):
+            if not pyfuse3.readdir_reply(token, name, self._ea_of_probe(p, crel), i + 3):
                 self._maybe_drop(child)
                 return
             child.nlookup += 1
@@ -566,6 +614,14 @@ class RWOperations(pyfuse3.Operations):
         times = self.up.keep_times(prel)
         self.up.place(tmp, rel)
         self.up.restore_times(prel, times)
+        self._dirs_changed(prel)  # the kernel would have copied the parents up too
+
+    def _dirs_changed(self, rel: bytes) -> None:
+        """The kernel would have copied up the dir *rel* and its parents: drop their
+        :data:`~layerfs.fs.upper.LOWER_LINKS_XATTR` marks."""
+        while rel:
+            self.up.drop_lower_links(rel)
+            rel = rel.rpartition(b"/")[0]
 
     def _ensure_dir_sync(self, rel: bytes) -> None:
         """Copy up the directory *rel* of the view and its parents, root first."""
@@ -599,14 +655,24 @@ class RWOperations(pyfuse3.Operations):
         group = [rel]
         if a.nlink > 1:
             group += [r for r in self._group_paths(lino) if r != rel]
-        for r in group:
-            self._ensure_dir_sync(r.rpartition(b"/")[0])
+        only_for_group: list[bytes] = []  # dirs made just for other members (see Upper)
+        for i, r in enumerate(group):
+            prel = r.rpartition(b"/")[0]
+            if i > 0:
+                cur = b""
+                for c in prel.split(b"/") if prel else []:
+                    cur = _join(cur, c)
+                    if self.up.lstat(cur) is None:
+                        only_for_group.append(cur)
+            self._ensure_dir_sync(prel)
         tmp = self._copy_lower_to_temp(lino, node.ino, with_data)
         self._install(tmp, rel)
         for r in group[1:]:
             tmp = self.up.temp()
             os.link(self.up.path(rel), tmp)
             self._install(tmp, r)
+        for d in only_for_group:
+            self.up.mark_lower_links(d)
         node.gen += 1
 
     def _group_paths(self, lino: int) -> list[bytes]:
@@ -629,6 +695,10 @@ class RWOperations(pyfuse3.Operations):
             raise _err(errno.ENOENT)
         st, _ = self.up.entry(rel, by_name=False)
         if st is not None:
+            if (stat.S_ISDIR(st.st_mode) and node.lower is not None) or (
+                stat.S_ISREG(st.st_mode) and st.st_nlink > 1
+            ):  # (a dir, or maybe a hard-link group member: the kernel copies up now)
+                self._dirs_changed(rel if stat.S_ISDIR(st.st_mode) else rel.rpartition(b"/")[0])
             return rel
         if node.lower is None:
             raise _err(errno.ENOENT)
@@ -691,7 +761,7 @@ class RWOperations(pyfuse3.Operations):
                 xattrs = [
                     kv
                     for kv in list_xattrs(self.up.path(rel))
-                    if not is_write_internal_xattr(self.fmt, kv[0])
+                    if not is_bookkeeping_xattr(self.fmt, kv[0])
                 ]
                 self.up.copy_attrs(
                     tmp, st.st_mode, st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns, xattrs
@@ -724,6 +794,7 @@ class RWOperations(pyfuse3.Operations):
         ptimes = self.up.keep_times(prel)
         self.up.place(tmp, rel)
         self.up.restore_times(prel, ptimes)
+        self._dirs_changed(prel)
         pre = rel + b"/"
         for r, n in self.by_path.items():
             if r == rel or r.startswith(pre):
@@ -783,6 +854,8 @@ class RWOperations(pyfuse3.Operations):
             raise _err(errno.EEXIST)
         if self.fmt == "aufs" and name.startswith(WH_PREFIX):
             raise _err(errno.EINVAL)
+        if kind == "node" and stat.S_ISCHR(mode) and rdev == 0:
+            raise _err(errno.EPERM)  # a whiteout's form: the kernel refuses it, as here
         prel = rel.rpartition(b"/")[0]
         pst = await self._prepare_parent(pnode, prel)
         uid, gid, extra = self._new_owner(pst, ctx, kind == "dir")
@@ -932,6 +1005,8 @@ class RWOperations(pyfuse3.Operations):
             dpnode, drel, dp = self._probe_child(parent_inode_new, name_new)
             if sp is None:
                 raise _err(errno.ENOENT)
+            if self.fmt == "aufs" and name_new.startswith(WH_PREFIX):
+                raise _err(errno.EINVAL)  # a ``.wh.`` name is a whiteout here (as create)
             if flags & RENAME_NOREPLACE and dp is not None:
                 raise _err(errno.EEXIST)
             if flags & RENAME_EXCHANGE:
@@ -957,33 +1032,16 @@ class RWOperations(pyfuse3.Operations):
                 self._group_up_before_unlink(drel, dp)
             await self._prepare_move(snode, srel, sp, s_dir)
             self._ensure_dir_sync(drel.rpartition(b"/")[0])
-            s_abs, d_abs = self.up.path(srel), self.up.path(drel)
+            s_abs = self.up.path(srel)
             lower_at_dst = self._child_lower(dpnode, name_new) is not None
             if s_dir and lower_at_dst and not self.up.is_opaque(srel):
                 self.up.mark_opaque(s_abs)
             d_upper = self.up.lstat(drel)
-            s_lower = sp.lower_here is not None
-            if d_upper is not None:
-                if s_dir or stat.S_ISDIR(d_upper.st_mode):
-                    renameat2(s_abs, d_abs, RENAME_EXCHANGE)
-                    if s_lower:
-                        self.up.whiteout(srel)
-                    else:
-                        self.up.remove(srel)
-                else:
-                    os.rename(s_abs, d_abs)
-                    if s_lower:
-                        self.up.whiteout(srel)
-            elif s_lower:
-                try:
-                    renameat2(s_abs, d_abs, RENAME_WHITEOUT)
-                except OSError as e:
-                    if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                        raise
-                    os.rename(s_abs, d_abs)
-                    self.up.whiteout(srel)
-            else:
-                os.rename(s_abs, d_abs)
+            if dp is not None and d_upper is not None and stat.S_ISDIR(d_upper.st_mode):
+                # crash-atomic: first an on-disk empty dst (the view does not change), then
+                # one rename that also leaves the whiteout at the source
+                self.up.clear_dir(drel, lower_at_dst, dp.ino)
+            self.up.move(srel, drel, whiteout=sp.lower_here is not None)
             self.up.clear_name_whiteout(drel)
             self._unbind(drel)
             self._move_paths(srel, drel, clear_lower=s_dir)
@@ -1086,8 +1144,8 @@ class RWOperations(pyfuse3.Operations):
         """The upper dir's xattr name for view xattr *name*, None if it cannot be set. The
         kernel format escapes ``trusted.overlay.X`` as ``trusted.overlay.overlay.X``, as kernel
         overlayfs (6.7+) does for nested overlays; fuse-overlayfs refuses its internal names."""
-        if name.startswith(WRITE_HIDDEN_PREFIXES):
-            return None
+        if name.startswith(LAYERFS_PREFIX):
+            return LAYERFS_ESCAPED + name[len(LAYERFS_PREFIX) :]
         if self.fmt == "kernel" and name.startswith(TRUSTED_PREFIX):
             return ESCAPED_PREFIX + name[len(TRUSTED_PREFIX) :]
         return None if is_hidden_xattr(self.fmt, name) else name
@@ -1096,6 +1154,8 @@ class RWOperations(pyfuse3.Operations):
         """The view's name of upper xattr *uname* (None: internal, never shown)."""
         if self.fmt == "kernel" and uname.startswith(ESCAPED_PREFIX):
             return TRUSTED_PREFIX + uname[len(ESCAPED_PREFIX) :]
+        if uname.startswith(LAYERFS_ESCAPED):
+            return LAYERFS_PREFIX + uname[len(LAYERFS_ESCAPED) :]
         return None if self._internal(uname) else uname
 
     def _refuse(self, name: bytes) -> pyfuse3.FUSEError:
@@ -1198,7 +1258,10 @@ class RWOperations(pyfuse3.Operations):
             in_upper = True
         else:
             in_upper = self.up.entry(rel, by_name=False)[0] is not None
-        oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY) | os.O_CLOEXEC | os.O_NOFOLLOW
+        # O_DIRECT is the kernel's business (it sends direct I/O as it comes); the daemon's
+        # own fd must not have it, or its unaligned pwrite/pread buffers give EINVAL
+        strip = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
+        oflags = flags & ~strip | os.O_CLOEXEC | os.O_NOFOLLOW
         if in_upper:
             fd = os.open(self.up.path(rel), oflags)
             upper = True

@@ -5,8 +5,10 @@ root), which inside the upper dir are the same relative paths. Every entry that 
 a final name is complete: files, dirs and links are prepared under a temporary name in
 ``WORK/work`` (same file system) and renamed into place; a whiteout or opaque dir that
 replaces an entry is swapped in with ``RENAME_EXCHANGE`` and the old entry is deleted from the
-work dir afterwards. A crash therefore leaves only complete entries under final names, and
-leftovers in ``WORK/work``, which :meth:`Upper.clean_work` removes at the next mount.
+work dir afterwards. A rename that must leave a whiteout moves the entry and writes the
+whiteout in one ``renameat2`` (:meth:`Upper.move`). A crash therefore leaves only complete
+entries under final names, each view name showing its old or its new state, and leftovers in
+``WORK/work``, which :meth:`Upper.clean_work` removes at the next mount.
 
 Locking: the caller (:mod:`layerfs.fs.rwops`) serialises every mutation (one lock per view);
 this module holds no state besides a counter for temporary names. Methods may run in a worker
@@ -26,10 +28,12 @@ from collections.abc import Iterable
 
 from layerfs.overlayfmt import (
     FUSE_OPAQUE,
+    LAYERFS_PREFIX,
     OPAQUE_MARKER,
     OPAQUE_MARKER_MODE,
     ORIGIN_XATTR,
     TRUSTED_OPAQUE,
+    TRUSTED_PREFIX,
     USER_OPAQUE,
     WH_PREFIX,
     WhiteoutFormat,
@@ -38,6 +42,13 @@ from layerfs.overlayfmt import (
     opaque_marker_file,
     opaque_xattrs,
 )
+
+LOWER_LINKS_XATTR = LAYERFS_PREFIX + b"lowerlinks"
+"""On an upper dir made only as the parent of a copied-up hard-link group member (where kernel
+overlayfs, which keeps such groups in its index dir, leaves the lower dir alone): the dir's
+mtime (ns, decimal) when marked. While the mtime is unchanged and no copy-up, setattr or
+xattr change reached the dir (those drop the mark), the view shows the lower dir's link
+count instead of a merged dir's 1."""
 
 WORK_SUBDIR = b"work"
 """Temporary entries live in ``WORK/work`` (the name kernel overlayfs and fuse-overlayfs use)."""
@@ -89,6 +100,17 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
             break
         os.pwrite(dst_fd, buf, off)
         off += len(buf)
+
+
+def is_bookkeeping_xattr(fmt: WhiteoutFormat, name: bytes) -> bool:
+    """True for an upper xattr that is the format's or the view's own bookkeeping (not copied
+    to a new upper entry); escaped view xattrs (``trusted.overlay.overlay.X`` in the kernel
+    format, ``trusted.layerfs.layerfs.X``) are the user's and are copied."""
+    if name.startswith(LAYERFS_PREFIX + b"layerfs."):
+        return False
+    if fmt == "kernel" and name.startswith(TRUSTED_PREFIX + b"overlay."):
+        return False
+    return is_write_internal_xattr(fmt, name)
 
 
 def list_xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
@@ -217,7 +239,28 @@ class Upper:
             entries.pop(n, None)
         return entries, wh
 
+    def keeps_lower_links(self, rel: bytes, st: os.stat_result) -> bool:
+        """True if the upper dir *rel* (lstat *st*) carries a still valid
+        :data:`LOWER_LINKS_XATTR` mark."""
+        try:
+            v = os.getxattr(self.path(rel), LOWER_LINKS_XATTR, follow_symlinks=False)
+        except OSError:
+            return False
+        return v == str(st.st_mtime_ns).encode()
+
     # -- small mutations ------------------------------------------------------------------
+    def mark_lower_links(self, rel: bytes) -> None:
+        p = self.path(rel)
+        mtime = os.lstat(p).st_mtime_ns
+        os.setxattr(p, LOWER_LINKS_XATTR, str(mtime).encode(), follow_symlinks=False)
+
+    def drop_lower_links(self, rel: bytes) -> None:
+        try:
+            os.removexattr(self.path(rel), LOWER_LINKS_XATTR, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT, errno.ENOTDIR):
+                raise
+
     def set_origin(self, path: bytes, ino: int) -> None:
         os.setxattr(path, ORIGIN_XATTR, str(ino).encode(), follow_symlinks=False)
 
@@ -269,6 +312,69 @@ class Upper:
             os.rename(tmp, dst)
         self.clear_name_whiteout(rel)
 
+    def clear_dir(self, rel: bytes, opaque: bool, ino: int) -> None:
+        """Empty the upper dir *rel* on disk (its whiteouts, an aufs opaque marker) without
+        changing the view, which shows it empty: an empty copy with its owner, mode, times and
+        xattrs (origin *ino*; opaque if *opaque*, i.e. a lower dir is below) is swapped in and
+        the old dir deleted from the work dir. Used before a rename replaces the dir, so that
+        one rename can replace it (kernel overlayfs: ``ovl_clear_empty``). In the aufs format
+        an opaque copy holds a marker file and stays non-empty."""
+        p = self.path(rel)
+        if not os.listdir(p):
+            return
+        st = os.lstat(p)
+        tmp = self.temp()
+        os.mkdir(tmp, 0o700)
+        try:
+            keep = [kv for kv in list_xattrs(p) if not is_bookkeeping_xattr(self.fmt, kv[0])]
+            self.copy_attrs(
+                tmp, st.st_mode, st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns, keep
+            )
+            self.set_origin(tmp, ino)
+            if opaque:
+                self.mark_opaque(tmp)
+                os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        except BaseException:
+            self.remove_tree(tmp)
+            raise
+        renameat2(tmp, p, RENAME_EXCHANGE)
+        self.remove_tree(tmp)
+
+    def move(self, src: bytes, dst: bytes, whiteout: bool) -> None:
+        """Rename the upper entry *src* over *dst* (nothing, a whiteout, a non-dir, or a dir
+        empty on disk: :meth:`clear_dir`) in one step; with *whiteout* a whiteout takes the
+        place of *src* in the same step (``RENAME_WHITEOUT``, or ``RENAME_EXCHANGE`` with a
+        whiteout at *dst*), as kernel overlayfs does. A crash leaves the old or the new names
+        (at worst a whiteout over nothing, which shows nothing). Only where the upper file
+        system lacks ``RENAME_WHITEOUT``, or an aufs opaque dir is replaced, is the whiteout
+        made in a second step (not crash-atomic)."""
+        s, d = self.path(src), self.path(dst)
+        dst_st = self.lstat(dst)
+        name = dst.rpartition(b"/")[2]
+        if dst_st is not None and is_upper_whiteout(self.fmt, name, dst_st.st_mode, dst_st.st_rdev):
+            renameat2(s, d, RENAME_EXCHANGE)  # the whiteout moves to src
+            if not whiteout:
+                os.unlink(s)
+            return
+        if not whiteout:
+            if dst_st is not None and stat.S_ISDIR(dst_st.st_mode) and os.listdir(d):
+                renameat2(s, d, RENAME_EXCHANGE)
+                self.remove(src)
+            else:
+                os.rename(s, d)
+            return
+        try:
+            renameat2(s, d, RENAME_WHITEOUT)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTEMPTY):
+                raise
+        if dst_st is not None and stat.S_ISDIR(dst_st.st_mode):
+            renameat2(s, d, RENAME_EXCHANGE)
+        else:
+            os.rename(s, d)
+        self.whiteout(src)
+
     def whiteout(self, rel: bytes) -> None:
         """Make *rel* a whiteout, replacing what the upper has there (deleted afterwards)."""
         tmp = self.temp()
@@ -319,7 +425,7 @@ class Upper:
         chown clears set-id bits, writing some xattrs such as ACLs sets the mode)."""
         os.chown(dst, uid, gid, follow_symlinks=False)
         for k, v in xattrs:
-            if is_write_internal_xattr(self.fmt, k):
+            if is_bookkeeping_xattr(self.fmt, k):
                 continue
             try:
                 os.setxattr(dst, k, v, follow_symlinks=False)
