@@ -95,6 +95,23 @@ def pyfuse3_features() -> Pyfuse3Features:
     )
 
 
+def statfs_reply(path: str | bytes) -> pyfuse3.StatvfsData:
+    """The ``statfs`` answer of a view: the figures of the file system holding *path* (the top
+    layer of a read-only view, the upper dir of a read-write one), as overlayfs answers."""
+    sv = os.statvfs(path)
+    out = pyfuse3.StatvfsData()
+    out.f_bsize = sv.f_bsize
+    out.f_frsize = sv.f_frsize
+    out.f_blocks = sv.f_blocks
+    out.f_bfree = sv.f_bfree
+    out.f_bavail = sv.f_bavail
+    out.f_files = sv.f_files
+    out.f_ffree = sv.f_ffree
+    out.f_favail = sv.f_favail
+    out.f_namemax = sv.f_namemax
+    return out
+
+
 # -- one guard for every handler ------------------------------------------------------------
 
 _INODE_HANDLERS = frozenset(
@@ -380,18 +397,7 @@ class UnionOperations(pyfuse3.Operations):
         return None
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        sv = os.statvfs(self.index.diff_dirs[0])
-        out = pyfuse3.StatvfsData()
-        out.f_bsize = sv.f_bsize
-        out.f_frsize = sv.f_frsize
-        out.f_blocks = sv.f_blocks
-        out.f_bfree = sv.f_bfree
-        out.f_bavail = sv.f_bavail
-        out.f_files = sv.f_files
-        out.f_ffree = sv.f_ffree
-        out.f_favail = sv.f_favail
-        out.f_namemax = sv.f_namemax
-        return out
+        return statfs_reply(self.index.diff_dirs[0])
 
     # -- xattrs ---------------------------------------------------------------------------
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:

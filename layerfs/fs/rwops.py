@@ -64,7 +64,7 @@ import trio
 
 from layerfs.fs.backing import BackingOpener
 from layerfs.fs.index import ROOT_INO, UnionIndex
-from layerfs.fs.ops import caller_has_sys_admin, guard_handlers
+from layerfs.fs.ops import caller_has_sys_admin, guard_handlers, statfs_reply
 from layerfs.fs.upper import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -562,18 +562,7 @@ class RWOperations(pyfuse3.Operations):
             os.close(fd)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        sv = os.statvfs(self.up.root)
-        out = pyfuse3.StatvfsData()
-        out.f_bsize = sv.f_bsize
-        out.f_frsize = sv.f_frsize
-        out.f_blocks = sv.f_blocks
-        out.f_bfree = sv.f_bfree
-        out.f_bavail = sv.f_bavail
-        out.f_files = sv.f_files
-        out.f_ffree = sv.f_ffree
-        out.f_favail = sv.f_favail
-        out.f_namemax = sv.f_namemax
-        return out
+        return statfs_reply(self.up.root)
 
     # -- copy-up (mutation lock held) ---------------------------------------------------------
     def _open_lower(self, lino: int) -> int:
