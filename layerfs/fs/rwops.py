@@ -587,14 +587,20 @@ class RWOperations(pyfuse3.Operations):
             if src is not None:
                 os.close(src)
         try:
-            self.up.copy_attrs(
-                tmp, a.mode, a.uid, a.gid, a.atime_ns, a.mtime_ns, self.lower.xattrs(lino)
-            )
+            self._copy_lower_attrs(tmp, lino)
             self.up.set_origin(tmp, ino)
         except BaseException:
             self.up.remove_tree(tmp)
             raise
         return tmp
+
+    def _copy_lower_attrs(self, tmp: bytes, lino: int) -> None:
+        """Give work-dir entry *tmp* the owner, mode, times and xattrs of lower entry *lino*."""
+        assert self.lower is not None
+        a = self.lower.attr(lino)
+        self.up.copy_attrs(
+            tmp, a.mode, a.uid, a.gid, a.atime_ns, a.mtime_ns, self.lower.xattrs(lino)
+        )
 
     def _install(self, tmp: bytes, rel: bytes) -> None:
         """Place *tmp* at *rel*, keeping the times of the upper parent (as the kernel does
@@ -756,11 +762,8 @@ class RWOperations(pyfuse3.Operations):
                     tmp, st.st_mode, st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns, xattrs
                 )
             else:
-                assert lino is not None and self.lower is not None
-                a = self.lower.attr(lino)
-                self.up.copy_attrs(
-                    tmp, a.mode, a.uid, a.gid, a.atime_ns, a.mtime_ns, self.lower.xattrs(lino)
-                )
+                assert lino is not None
+                self._copy_lower_attrs(tmp, lino)
             self.up.set_origin(tmp, ino)
         except BaseException:
             self.up.remove_tree(tmp)
