@@ -491,10 +491,26 @@ def kernel_overlay(diff_dirs: Sequence[str], mnt: Path) -> Iterator[str]:
         empty = mnt.parent / (mnt.name + "-empty")
         empty.mkdir(exist_ok=True)
         dirs.append(str(empty))
+    with _kernel_mount("ro,lowerdir=" + ":".join(dirs), mnt) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def kernel_rw(lower: str, upper: str, work: str, mnt: Path) -> Iterator[str]:
+    """Mount *lower* (a ``:``-joined lowerdir) with *upper* read-write with kernel overlayfs,
+    ``redirect_dir`` (lower dirs can be renamed) and ``index`` (hard links survive copy-up) on:
+    layerfs does both without writing redirects or an index."""
+    require_kernel_overlay()
+    mnt.mkdir(parents=True, exist_ok=True)
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work},redirect_dir=on,index=on"
+    with _kernel_mount(opts, mnt) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def _kernel_mount(opts: str, mnt: Path) -> Iterator[str]:
     r = subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", "ro,lowerdir=" + ":".join(dirs), str(mnt)],
-        capture_output=True,
-        text=True,
+        ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], capture_output=True, text=True
     )
     require(r.returncode == 0, f"kernel overlay mount failed: {r.stderr.strip()}")
     try:

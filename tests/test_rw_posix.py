@@ -31,12 +31,12 @@ from fs_helpers import (
     Layer,
     cleanup_mount,
     hardlink_groups,
-    require,
+    kernel_rw,
     require_fuse,
     require_kernel_overlay,
     snapshot,
 )
-from layerfs.fs.mount import is_mountpoint, spawn_daemon
+from layerfs.fs.mount import spawn_daemon
 from layerfs.fs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 HIDDEN = (*HIDDEN_XATTR_PREFIXES, b"trusted.layerfs.")
@@ -69,25 +69,6 @@ def build_lower(root: Path) -> str:
     la.dir("pub", mode=0o1777).file("pub/roots", b"r", mode=0o666)
     la.file("open-me", b"still here")
     return str(la.finish())
-
-
-@contextlib.contextmanager
-def kernel_rw(lower: str, upper: str, work: str, mnt: Path) -> Iterator[str]:
-    require_kernel_overlay()
-    mnt.mkdir(parents=True, exist_ok=True)
-    # redirect_dir: lower dirs can be renamed; index: hard links survive copy-up (layerfs does
-    # both without writing redirects or an index)
-    opts = f"lowerdir={lower},upperdir={upper},workdir={work},redirect_dir=on,index=on"
-    r = subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], capture_output=True, text=True
-    )
-    require(r.returncode == 0, f"kernel overlay mount failed: {r.stderr.strip()}")
-    try:
-        yield str(mnt)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
-        if is_mountpoint(str(mnt)):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @contextlib.contextmanager
