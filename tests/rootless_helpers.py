@@ -1,0 +1,192 @@
+"""A real unprivileged user for the rootless tests, set up the way a normal host has one.
+
+The ``rootless_user`` fixture (session scope) creates a user with subordinate uid and gid
+ranges in ``/etc/subuid``/``/etc/subgid``, a home, and a private ``XDG_RUNTIME_DIR``. This VM
+has no udev, so ``/dev/fuse`` is 0600: the fixture makes it 0666 for the run, as a normal
+host has it. The venv's interpreter lives under ``/root`` (0700 here), so ``/root`` gets the
+search bit (``o+x``, not read) for the run. Everything is restored when the session ends,
+and the user is removed.
+
+Commands run as the user through ``setpriv`` with a clean environment (no root
+``PATH``, ``HOME`` or ``XDG_*`` leaking in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import require, require_root, require_tool
+
+USER_NAME = "lfs-rootless"
+#: The subordinate range given to the test user (uids and gids alike).
+SUB_START = 300000
+SUB_COUNT = 65536
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class RootlessUser:
+    """The test user: its ids, home, runtime dir and subordinate range."""
+
+    name: str
+    uid: int
+    gid: int
+    home: Path
+    runtime_dir: Path
+    sub_start: int
+    sub_count: int
+
+    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment a login shell of the user would have, plus the venv on PATH."""
+        env = {
+            "HOME": str(self.home),
+            "USER": self.name,
+            "LOGNAME": self.name,
+            "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "XDG_RUNTIME_DIR": str(self.runtime_dir),
+            "LANG": "C.UTF-8",
+        }
+        if extra:
+            env.update(extra)
+        return env
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        input: bytes | None = None,
+        timeout: float = 120,
+        check: bool = False,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` as the user (text output); ``env`` adds to :meth:`env`."""
+        cmd = [
+            "setpriv",
+            f"--reuid={self.uid}",
+            f"--regid={self.gid}",
+            "--init-groups",
+            "--reset-env",
+            "--",
+            "env",
+            *(f"{k}={v}" for k, v in self.env(env).items()),
+            *argv,
+        ]
+        proc = subprocess.run(
+            cmd,
+            cwd=cwd or self.home,
+            input=input.decode("latin-1") if input is not None else None,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{argv!r} as {self.name} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def layerfs(self, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        """``layerfs ARGS`` from this checkout's venv, as the user."""
+        return self.run([str(VENV_BIN / "layerfs"), *args], **kwargs)  # type: ignore[arg-type]
+
+
+def _drop_user(name: str) -> None:
+    with contextlib.suppress(KeyError):
+        uid = pwd.getpwnam(name).pw_uid
+        subprocess.run(["pkill", "-KILL", "-u", str(uid)], check=False)
+        subprocess.run(["userdel", "-r", "-f", name], capture_output=True, check=False)
+    for path in ("/etc/subuid", "/etc/subgid"):
+        with contextlib.suppress(FileNotFoundError):
+            lines = Path(path).read_text().splitlines(keepends=True)
+            Path(path).write_text("".join(x for x in lines if not x.startswith(f"{name}:")))
+
+
+@contextlib.contextmanager
+def _mode(path: str, add: int) -> Iterator[None]:
+    """``path`` with mode bits ``add`` set for the duration, then its old mode back."""
+    old = stat.S_IMODE(os.stat(path).st_mode)
+    os.chmod(path, old | add)
+    try:
+        yield
+    finally:
+        os.chmod(path, old)
+
+
+@pytest.fixture(scope="session")
+def rootless_user() -> Iterator[RootlessUser]:
+    """A plain user with subuid/subgid ranges, ``/dev/fuse`` usable, removed afterwards."""
+    require_root()
+    for tool in ("useradd", "userdel", "setpriv", "newuidmap", "newgidmap"):
+        require_tool(tool)
+    require(os.path.exists("/dev/fuse"), "/dev/fuse is missing")
+    _drop_user(USER_NAME)  # a leftover from a killed run
+    subprocess.run(
+        [
+            "useradd",
+            "--create-home",
+            "--shell",
+            "/bin/sh",
+            "--no-user-group",
+            "-g",
+            "users",
+            "-K",
+            "SUB_UID_COUNT=0",
+            "-K",
+            "SUB_GID_COUNT=0",
+            USER_NAME,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        entry = pwd.getpwnam(USER_NAME)
+        for path in ("/etc/subuid", "/etc/subgid"):
+            with open(path, "a") as f:
+                f.write(f"{USER_NAME}:{SUB_START}:{SUB_COUNT}\n")
+        runtime = Path(f"/run/user/{entry.pw_uid}")
+        shutil.rmtree(runtime, ignore_errors=True)
+        runtime.mkdir(parents=True, mode=0o700)
+        os.chown(runtime, entry.pw_uid, entry.pw_gid)
+        user = RootlessUser(
+            name=USER_NAME,
+            uid=entry.pw_uid,
+            gid=entry.pw_gid,
+            home=Path(entry.pw_dir),
+            runtime_dir=runtime,
+            sub_start=SUB_START,
+            sub_count=SUB_COUNT,
+        )
+        with _mode("/dev/fuse", 0o666), _mode("/root", 0o001):
+            yield user
+    finally:
+        uid = pwd.getpwnam(USER_NAME).pw_uid if _user_exists(USER_NAME) else None
+        _drop_user(USER_NAME)
+        if uid is not None:
+            shutil.rmtree(f"/run/user/{uid}", ignore_errors=True)
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def users_group_id() -> int:
+    """The gid of the ``users`` group the test user belongs to."""
+    return grp.getgrnam("users").gr_gid
