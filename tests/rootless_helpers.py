@@ -14,7 +14,9 @@ Commands run as the user through ``setpriv`` with a clean environment (no root
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import grp
+import json
 import os
 import pwd
 import shutil
@@ -29,10 +31,15 @@ import pytest
 
 from conftest import require, require_root, require_tool
 
-USER_NAME = "lfs-rootless"
+#: One user per checkout running tests at once: ``LAYERFS_TEST_USER`` and
+#: ``LAYERFS_TEST_SUBID`` (start of the subordinate range) override the defaults.
+USER_NAME = os.environ.get("LAYERFS_TEST_USER", "lfs-rootless")
 #: The subordinate range given to the test user (uids and gids alike).
-SUB_START = 300000
+SUB_START = int(os.environ.get("LAYERFS_TEST_SUBID", "300000"))
 SUB_COUNT = 65536
+#: Who holds the widened modes of /dev/fuse and /root: {"pids": [...], "modes": {path: mode}}.
+_PERM_STATE = Path("/run/layerfs-test-perms.json")
+_PERM_LOCK = "/run/layerfs-test-perms.lock"
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
@@ -115,15 +122,53 @@ def _drop_user(name: str) -> None:
             Path(path).write_text("".join(x for x in lines if not x.startswith(f"{name}:")))
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
-def _mode(path: str, add: int) -> Iterator[None]:
-    """``path`` with mode bits ``add`` set for the duration, then its old mode back."""
-    old = stat.S_IMODE(os.stat(path).st_mode)
-    os.chmod(path, old | add)
+def _widened_modes(adds: Mapping[str, int]) -> Iterator[None]:
+    """Each path with its mode bits widened for the duration, then its old mode back.
+
+    Several test runs (other checkouts) may overlap: the old modes and the live holders are
+    kept in a small state file under an fcntl lock, and the modes go back only when the last
+    live holder leaves (a killed holder is pruned by the next one)."""
+
+    def update(enter: bool) -> None:
+        with open(_PERM_LOCK, "a") as lock:
+            fcntl.lockf(lock, fcntl.LOCK_EX)
+            try:
+                state = json.loads(_PERM_STATE.read_text())
+            except (FileNotFoundError, ValueError):
+                state = {"pids": [], "modes": {}}
+            pids = [p for p in state["pids"] if p != os.getpid() and _pid_alive(p)]
+            if enter:
+                if not pids:  # a killed holder's widening is undone before recording
+                    for path, mode in state["modes"].items():
+                        os.chmod(path, mode)
+                    state["modes"] = {}
+                for path, add in adds.items():
+                    old = state["modes"].setdefault(path, stat.S_IMODE(os.stat(path).st_mode))
+                    os.chmod(path, old | add)
+                pids.append(os.getpid())
+            elif not pids:
+                for path, old in state["modes"].items():
+                    os.chmod(path, old)
+                state["modes"] = {}
+            state["pids"] = pids
+            _PERM_STATE.write_text(json.dumps(state))
+
+    update(True)
     try:
         yield
     finally:
-        os.chmod(path, old)
+        update(False)
 
 
 @pytest.fixture(scope="session")
@@ -170,7 +215,7 @@ def rootless_user() -> Iterator[RootlessUser]:
             sub_start=SUB_START,
             sub_count=SUB_COUNT,
         )
-        with _mode("/dev/fuse", 0o666), _mode("/root", 0o001):
+        with _widened_modes({"/dev/fuse": 0o666, "/root": 0o001}):
             yield user
     finally:
         uid = pwd.getpwnam(USER_NAME).pw_uid if _user_exists(USER_NAME) else None
