@@ -290,6 +290,77 @@ def _gc(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------- images
+
+
+def _image_facts(store: Store, record: dict[str, Any]) -> dict[str, Any]:
+    """What ``images``/``image`` show of an image record (size as Go's ``ImageSize``)."""
+    from layerfs.store.images import image_size
+
+    def layer(layer_id: str) -> tuple[int, str] | None:
+        try:
+            la = store.get(layer_id)
+        except LayerUnknownError:
+            return None
+        return max(la.size(), 0), la.parent
+
+    return {
+        "id": str(record.get("id", "")),
+        "names": list(record.get("names") or []),
+        "layer": str(record.get("layer") or ""),
+        "digest": str(record.get("digest") or ""),
+        "size": image_size(record, layer),
+        "created": str(record.get("created") or ""),
+        "data": list(record.get("big-data-names") or []),
+    }
+
+
+@_command("images")
+def _images(store: Store, args: argparse.Namespace) -> int:
+    if args.json:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(store.images.json_bytes() + b"\n")
+        return 0
+    _out(f"{'IMAGE ID':<14}{'NAMES':<34}{'TOP LAYER':<14}{'SIZE':>12}  CREATED")
+    for record in store.images.load():
+        f = _image_facts(store, record)
+        names = ",".join(f["names"]) or "-"
+        _out(f"{f['id'][:12]:<14}{names:<34}{f['layer'][:12]:<14}{f['size']:>12}  {f['created']}")
+    return 0
+
+
+@_command("image")
+def _image(store: Store, args: argparse.Namespace) -> int:
+    from layerfs.store.images import ImageUnknownError, find_image
+
+    rc = 0
+    images = store.images.load()
+    found: list[dict[str, Any]] = []
+    for ref in args.images:
+        try:
+            found.append(find_image(images, ref))
+        except ImageUnknownError as exc:
+            _err(str(exc))
+            rc = 1
+    if args.json:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(store.images.json_bytes(found) + b"\n")
+        return rc
+    for record in found:
+        f = _image_facts(store, record)
+        _out(f"ID: {f['id']}")
+        for name in f["names"]:
+            _out(f"Name: {name}")
+        _out(f"Top Layer: {f['layer']}")
+        if f["digest"]:
+            _out(f"Digest: {f['digest']}")
+        for key in f["data"]:
+            _out(f"Data: {key}")
+        _out(f"Size: {f['size']}")
+        _out(f"Created: {f['created']}")
+    return rc
+
+
 # --------------------------------------------------------------------- contents
 
 
@@ -659,6 +730,19 @@ def _cat(store: Store, args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------- parser
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: computed only when asked (it imports pyfuse3)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from layerfs.version import version_text
+
+        _out(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
@@ -668,6 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", help="graph root (default $LAYERFS_ROOT or /var/lib/layerfs)")
     parser.add_argument("--runroot", help="run root (default $LAYERFS_RUNROOT or /run/layerfs)")
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    parser.add_argument(
+        "--version", action=_VersionAction, help="print the version and the pyfuse3/libfuse used"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(
@@ -758,6 +845,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("import-image", "import an image: oci:DIR[:TAG] or docker-archive:FILE")
     p.add_argument("--name", "-n", help="image name (default: from the source)")
     p.add_argument("source")
+
+    add("images", "list images (id, names, top layer, size, created)")
+    p = add("image", "show images (by id, name or id prefix)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
 
     p = add("mount", "mount a layer's or image's union view and print where")
     access = p.add_mutually_exclusive_group()

@@ -151,18 +151,14 @@ class MountManager:
             raise
         except LayerUnknownError:
             pass
-        images = self.store.images.load()
-        top: str | None = None
-        for image in images:
-            if image.get("id") == target or target in (image.get("names") or []):
-                top = str(image.get("layer") or "")
-                break
-        else:
-            matches = [i for i in images if target and str(i.get("id", "")).startswith(target)]
-            if len(matches) > 1:
-                raise AmbiguousLayerError(target, [str(i.get("id")) for i in matches])
-            if matches:
-                top = str(matches[0].get("layer") or "")
+        from layerfs.store.images import AmbiguousImageError, ImageUnknownError
+
+        try:
+            top = str(self.store.images.get(target).get("layer") or "")
+        except AmbiguousImageError as e:
+            raise AmbiguousLayerError(target, e.candidates) from None
+        except ImageUnknownError:
+            top = ""
         if not top:
             raise LayerUnknownError(target, "no layer or image has this name or id")
         return self.store.get(top).id

@@ -14,9 +14,10 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
-from layerfs.errors import CorruptStoreError
+from layerfs.errors import CorruptStoreError, LayerfsError
 from layerfs.store.bigdata import big_data_file_name
 from layerfs.store.jsonfile import atomic_write, read_optional
 from layerfs.store.lockfile import LockFile
@@ -37,6 +38,64 @@ IMAGE_KEYS = (
     "created",
     "flags",
 )
+
+
+class ImageUnknownError(LayerfsError):
+    """No image has this id, name or unique id prefix (containers/storage ErrImageUnknown)."""
+
+    def __init__(self, ref: str, detail: str = "") -> None:
+        self.ref = ref
+        super().__init__(f'image "{ref}" not known' + (f": {detail}" if detail else ""))
+
+
+class AmbiguousImageError(ImageUnknownError):
+    """An id prefix matches more than one image."""
+
+    def __init__(self, ref: str, candidates: list[str]) -> None:
+        self.candidates = candidates
+        super().__init__(ref, "ambiguous id prefix, candidates: " + ", ".join(sorted(candidates)))
+
+
+def find_image(images: list[dict[str, Any]], ref: str) -> dict[str, Any]:
+    """The record in *images* (decoded ``images.json``) with id *ref*, else name *ref*, else
+    the one id starting with *ref*. Pure: the caller loaded *images* under ``images.lock``.
+    Raises :class:`ImageUnknownError` / :class:`AmbiguousImageError`."""
+    for image in images:
+        if image.get("id") == ref:
+            return image
+    for image in images:
+        if ref in (image.get("names") or []):
+            return image
+    matches = [i for i in images if ref and str(i.get("id", "")).startswith(ref)]
+    if len(matches) > 1:
+        raise AmbiguousImageError(ref, [str(i.get("id")) for i in matches])
+    if not matches:
+        raise ImageUnknownError(ref)
+    return matches[0]
+
+
+def image_size(record: dict[str, Any], layer: Callable[[str], tuple[int, str] | None]) -> int:
+    """The size containers/storage's ``ImageSize`` reports: every layer reachable from the top
+    layer and the mapped top layers (each once) plus the image's big-data sizes. *layer* maps
+    a layer id to (its ``Size()``, or 0 when unknown; its parent id), or None for a layer
+    that is not there (skipped, as Go does). Takes no lock; the caller's *layer* decides."""
+    queue = [str(i) for i in [record.get("layer"), *(record.get("mapped-layers") or [])] if i]
+    seen: set[str] = set()
+    total = 0
+    while queue:
+        layer_id = queue.pop()
+        if layer_id in seen:
+            continue
+        seen.add(layer_id)
+        found = layer(layer_id)
+        if found is None:
+            continue
+        size, parent = found
+        total += max(size, 0)
+        if parent:
+            queue.append(parent)
+    sizes = record.get("big-data-sizes") or {}
+    return total + sum(int(v) for v in sizes.values() if isinstance(v, int))
 
 
 class ImageRecords:
@@ -78,18 +137,25 @@ class ImageRecords:
         ]
 
     def top_layer_of(self, name_or_id: str) -> str | None:
-        """The top layer of the image with this name, id or unique id prefix, or None."""
-        images = self.load()
-        for image in images:
-            if image.get("id") == name_or_id:
-                return str(image.get("layer") or "") or None
-        for image in images:
-            if name_or_id in (image.get("names") or []):
-                return str(image.get("layer") or "") or None
-        matches = [i for i in images if str(i.get("id", "")).startswith(name_or_id)]
-        if name_or_id and len(matches) == 1:
-            return str(matches[0].get("layer") or "") or None
-        return None
+        """The top layer of the image with this name, id or unique id prefix, or None (an
+        ambiguous prefix included)."""
+        try:
+            return str(self.get(name_or_id).get("layer") or "") or None
+        except ImageUnknownError:
+            return None
+
+    def json_bytes(self, images: list[dict[str, Any]] | None = None) -> bytes:
+        """*images* (default: every record, read under the shared lock) encoded as Go encodes
+        ``images.json`` (the bytes of ``containers-storage images -j``)."""
+        return _encode_images(self.load() if images is None else images)
+
+    def get(self, ref: str) -> dict[str, Any]:
+        """The record of the image with this id, name or unique id prefix (looked up in that
+        order, as containers/storage does), under the shared ``images.lock``.
+
+        Raises :class:`ImageUnknownError` when nothing matches and
+        :class:`AmbiguousImageError` (listing the candidates) for a prefix of several ids."""
+        return find_image(self.load(), ref)
 
     def add_image(
         self,
