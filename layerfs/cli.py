@@ -414,30 +414,43 @@ def _diff(store: Store, args: argparse.Namespace) -> int:
     from layerfs.archive.transfer import export_diff
 
     chosen = None if args.compress is None else Compression[args.compress.upper()]
-    if args.output and _is_special_output(args.output):
+
+    def write(out: BinaryIO) -> None:
+        export_diff(store, args.layer, out, from_ref=args.from_layer, compression=chosen)
+
+    _write_output(args.output, write)
+    return 0
+
+
+def _write_output(output: str | None, write: Callable[[BinaryIO], None]) -> None:
+    """Run *write* on the output of a tar-writing command: stdout for None or ``-`` (never a
+    terminal), a device, FIFO or socket in place, else a temp file beside *output* renamed
+    over it when complete (a failure, ENOSPC included, leaves no partial file)."""
+    if output and output != "-" and _is_special_output(output):
         # a device, FIFO or socket: written in place (a temp file and a rename would put a
         # regular file into /dev, or replace the FIFO its reader waits on)
-        fd = os.open(args.output, os.O_WRONLY | os.O_CLOEXEC)
+        fd = os.open(output, os.O_WRONLY | os.O_CLOEXEC)
         with open(fd, "wb") as out:
-            export_diff(store, args.layer, out, from_ref=args.from_layer, compression=chosen)
-        return 0
-    if args.output:
-        directory = os.path.dirname(os.path.abspath(args.output))
-        tmp = os.path.join(directory, f".{os.path.basename(args.output)}.partial")
+            write(out)
+        return
+    if output and output != "-":
+        directory = os.path.dirname(os.path.abspath(output))
+        tmp = os.path.join(directory, f".{os.path.basename(output)}.partial")
         try:
             with open(tmp, "wb") as out:
-                export_diff(store, args.layer, out, from_ref=args.from_layer, compression=chosen)
-            os.replace(tmp, args.output)
+                write(out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, output)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        return 0
+        return
     if sys.stdout.isatty():
         raise LayerfsError("refusing to write a tar stream to a terminal; use --output FILE")
     sys.stdout.flush()
-    export_diff(store, args.layer, sys.stdout.buffer, from_ref=args.from_layer, compression=chosen)
+    write(sys.stdout.buffer)
     sys.stdout.buffer.flush()
-    return 0
 
 
 def _is_special_output(path: str) -> bool:
@@ -596,16 +609,64 @@ def _ps(store: Store, args: argparse.Namespace) -> int:
 
 
 def _open_view(store: Store, target: str) -> tuple[Any, list[str]]:
-    from layerfs.fs.index import chain_pins, open_index
     from layerfs.fs.manager import MountManager
 
     layer_id = MountManager(store).resolve(target)
     chain = store.chain(layer_id)
+    return _chain_index(store, chain), [la.id for la in chain]
+
+
+def _chain_index(store: Store, chain: list[Layer]) -> Any:
+    from layerfs.fs.index import chain_pins, open_index
+
     diff_dirs = [store.diff_dir(la.id) for la in chain]
     index, _ = open_index(
         diff_dirs, chain_pins(store, chain), whiteout_format=store.whiteout_format()
     )
-    return index, [la.id for la in chain]
+    return index
+
+
+@contextlib.contextmanager
+def _reading_view(store: Store, target: str) -> Iterator[tuple[Any, list[str]]]:
+    """The view of *target* (layer or image) and its layer ids (top first), with
+    ``layers.lock`` held shared for the block: no layer of the chain is deleted or changed
+    while the block reads it."""
+    from layerfs.fs.manager import MountManager
+
+    layer_id = MountManager(store).resolve(target)
+    with store.reading_layer(layer_id) as contents:
+        yield _chain_index(store, contents.chain), [la.id for la in contents.chain]
+
+
+@_command("export")
+def _export(store: Store, args: argparse.Namespace) -> int:
+    from layerfs.archive.compression import Compression, open_compressor
+    from layerfs.archive.flatten import write_view_tar
+
+    chosen = Compression[args.compress.upper()]
+
+    def write(out: BinaryIO) -> None:
+        with _reading_view(store, args.target) as (index, _):
+            sink = open_compressor(out, chosen)
+            stats = write_view_tar(sink, index)
+            if sink is not out:
+                sink.close()
+        if stats.sockets_skipped:
+            log.warning("%d socket(s) left out (a tar cannot hold sockets)", stats.sockets_skipped)
+
+    _write_output(args.output, write)
+    return 0
+
+
+@_command("extract")
+def _extract(store: Store, args: argparse.Namespace) -> int:
+    from layerfs.archive.flatten import extract_path
+
+    with _reading_view(store, args.target) as (index, _):
+        stats = extract_path(index, args.path, args.dest)
+    if args.json:
+        _print_json({"entries": stats.entries, "bytes": stats.bytes})
+    return 0
 
 
 @_command("which")
@@ -880,6 +941,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
 
     add("ps", "list live views with their counts and daemons")
+
+    p = add("export", "write the flattened view as one tar (whiteouts applied)", json_flag=False)
+    p.add_argument("--output", "-o", help="write here (atomically) instead of stdout")
+    p.add_argument(
+        "--compress",
+        "-c",
+        choices=["none", "gzip", "zstd", "xz", "bzip2"],
+        default="none",
+        help="output compression (default: none)",
+    )
+    p.add_argument("target", help="layer id, name or prefix, or image name, id or prefix")
+
+    p = add("extract", "copy one file or subtree of a view into a directory")
+    p.add_argument("target")
+    p.add_argument("path", help="path in the view (a directory is copied with its contents)")
+    p.add_argument("dest", help="an existing directory; nothing is written outside it")
 
     p = add("which", "show which layer supplies a path, and what it shadows")
     p.add_argument("target")

@@ -15,7 +15,7 @@ import os
 import pwd
 import stat
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import BinaryIO
@@ -157,40 +157,66 @@ def _gname(gid: int) -> str:
         return ""
 
 
+def exported_xattr(key: str) -> bool:
+    """Whether a tar carries this xattr: ``security.capability``, ``user.*`` and
+    ``trusted.*``, but never overlay markers, a read-write view's bookkeeping
+    (``trusted.layerfs.*``, e.g. origin inodes) or SELinux labels."""
+    if key.startswith(("trusted.overlay.", "user.overlay.", "trusted.layerfs.")):
+        return False
+    return key == "security.capability" or key.startswith(("user.", "trusted."))
+
+
+def pax_xattrs(pairs: Iterable[tuple[str, bytes]]) -> dict[str, str]:
+    """``SCHILY.xattr.*`` PAX records for the (name, value) pairs a tar carries."""
+    return {
+        "SCHILY.xattr." + key: value.decode("utf-8", "surrogateescape")
+        for key, value in pairs
+        if exported_xattr(key)
+    }
+
+
 def _export_xattrs(path: bytes) -> dict[str, str]:
-    """Xattrs worth carrying in a layer tar (overlay markers and SELinux labels excluded)."""
-    out: dict[str, str] = {}
+    """Xattrs worth carrying in a layer tar (see :func:`exported_xattr`)."""
     try:
         keys = os.listxattr(path, follow_symlinks=False)
     except OSError:
-        return out
+        return {}
+    pairs = []
     for key in sorted(keys):
-        if key.startswith(("trusted.overlay.", "user.overlay.", "trusted.layerfs.")):
-            continue  # (trusted.layerfs.*: a read-write view's bookkeeping, e.g. origin inodes)
-        if not (key == "security.capability" or key.startswith(("user.", "trusted."))):
+        if not exported_xattr(key):
             continue
         try:
-            value = os.getxattr(path, key, follow_symlinks=False)
+            pairs.append((key, os.getxattr(path, key, follow_symlinks=False)))
         except OSError:
             continue
-        out["SCHILY.xattr." + key] = value.decode("utf-8", "surrogateescape")
-    return out
+    return pax_xattrs(pairs)
+
+
+def tar_header(
+    name: bytes, typ: bytes, mode: int, uid: int, gid: int, mtime: int, *, names: bool = True
+) -> tarfile.TarInfo:
+    """A header for *name* (bytes, kept exactly via surrogateescape) with the permission
+    bits of *mode*; *names*: also the host's user and group names for the ids."""
+    ti = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
+    ti.type = typ
+    ti.mode = stat.S_IMODE(mode)
+    ti.uid, ti.gid = uid, gid
+    if names:
+        ti.uname, ti.gname = _uname(uid), _gname(gid)
+    ti.mtime = mtime
+    ti.size = 0
+    return ti
 
 
 def _header(name: bytes, st: os.stat_result, typ: bytes, **kw: object) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
-    ti.type = typ
-    ti.mode = stat.S_IMODE(st.st_mode)
-    ti.uid, ti.gid = st.st_uid, st.st_gid
-    ti.uname, ti.gname = _uname(st.st_uid), _gname(st.st_gid)
-    ti.mtime = int(st.st_mtime)
-    ti.size = 0
+    ti = tar_header(name, typ, st.st_mode, st.st_uid, st.st_gid, int(st.st_mtime))
     for k, v in kw.items():
         setattr(ti, k, v)
     return ti
 
 
-def _emit(out: BinaryIO, ti: tarfile.TarInfo) -> None:
+def emit(out: BinaryIO, ti: tarfile.TarInfo) -> None:
+    """Write one PAX header (names and xattr values kept byte for byte)."""
     out.write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
 
 
@@ -203,15 +229,15 @@ def _generate(out: BinaryIO, diff_dir: str, lowers: Sequence[str]) -> None:
         mode = st.st_mode
         if _is_whiteout(st):
             wname = b"/".join([*parts[:-1], WHITEOUT_PREFIX + parts[-1]])
-            _emit(out, _header(wname, st, tarfile.REGTYPE, mode=0))
+            emit(out, _header(wname, st, tarfile.REGTYPE, mode=0))
             continue
         if stat.S_ISSOCK(mode):
             continue
         pax = _export_xattrs(path)
         if stat.S_ISDIR(mode):
-            _emit(out, _header(rel + b"/", st, tarfile.DIRTYPE, pax_headers=pax))
+            emit(out, _header(rel + b"/", st, tarfile.DIRTYPE, pax_headers=pax))
             if _is_opaque(path) and _opaque_hides_lower(lowers, parts):
-                _emit(
+                emit(
                     out,
                     _header(
                         rel + b"/" + WHITEOUT_OPAQUE,
@@ -224,33 +250,38 @@ def _generate(out: BinaryIO, diff_dir: str, lowers: Sequence[str]) -> None:
             continue
         if stat.S_ISLNK(mode):
             target = os.readlink(path).decode("utf-8", "surrogateescape")
-            _emit(out, _header(rel, st, tarfile.SYMTYPE, linkname=target, pax_headers=pax))
+            emit(out, _header(rel, st, tarfile.SYMTYPE, linkname=target, pax_headers=pax))
             continue
         if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             typ = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
             dev = {"devmajor": os.major(st.st_rdev), "devminor": os.minor(st.st_rdev)}
-            _emit(out, _header(rel, st, typ, pax_headers=pax, **dev))
+            emit(out, _header(rel, st, typ, pax_headers=pax, **dev))
             continue
         if stat.S_ISFIFO(mode):
-            _emit(out, _header(rel, st, tarfile.FIFOTYPE, pax_headers=pax))
+            emit(out, _header(rel, st, tarfile.FIFOTYPE, pax_headers=pax))
             continue
         if not stat.S_ISREG(mode):
             continue
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and key in seen_inodes:
             first = seen_inodes[key].decode("utf-8", "surrogateescape")
-            _emit(out, _header(rel, st, tarfile.LNKTYPE, linkname=first, pax_headers=pax))
+            emit(out, _header(rel, st, tarfile.LNKTYPE, linkname=first, pax_headers=pax))
             continue
         if st.st_nlink > 1:
             seen_inodes[key] = rel
-        _emit(out, _header(rel, st, tarfile.REGTYPE, size=st.st_size, pax_headers=pax))
+        emit(out, _header(rel, st, tarfile.REGTYPE, size=st.st_size, pax_headers=pax))
         _copy_file(out, path, st.st_size, rel)
     out.write(bytes(1024))
 
 
 def _copy_file(out: BinaryIO, path: bytes, size: int, rel: bytes) -> None:
+    copy_fd(out, os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), size, rel)
+
+
+def copy_fd(out: BinaryIO, fd: int, size: int, rel: bytes) -> None:
+    """Write *size* bytes of the open file *fd* (closed here) and the tar padding after them;
+    ArchiveError naming *rel* if the file is shorter now."""
     left = size
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
         while left:
             data = f.read(min(CHUNK, left))
