@@ -658,6 +658,19 @@ def _export(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("inspect")
+def _inspect(store: Store, args: argparse.Namespace) -> int:
+    from layerfs.fs.index.inspect import inspect_chain, report_json, report_text
+
+    with _reading_view(store, args.target) as (index, ids):
+        report = inspect_chain(index, ids, largest=args.largest)
+    if args.json:
+        _print_json(report_json(report))
+    else:
+        _out(report_text(report, args.target))
+    return 0
+
+
 @_command("extract")
 def _extract(store: Store, args: argparse.Namespace) -> int:
     from layerfs.archive.flatten import extract_path
@@ -957,6 +970,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
     p.add_argument("path", help="path in the view (a directory is copied with its contents)")
     p.add_argument("dest", help="an existing directory; nothing is written outside it")
+
+    p = add("inspect", "per layer: entries and bytes added, modified, deleted, wasted")
+    p.add_argument("--largest", type=int, default=5, metavar="N", help="files listed per layer")
+    p.add_argument("target")
 
     p = add("which", "show which layer supplies a path, and what it shadows")
     p.add_argument("target")
