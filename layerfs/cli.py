@@ -671,6 +671,17 @@ def _inspect(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("completion")
+def _completion(store: Store, args: argparse.Namespace) -> int:
+    from layerfs import completion
+
+    if args.what == "bash":
+        _out(completion.bash_script(build_parser()).rstrip("\n"))
+    else:
+        _print_lines(completion.store_names(store), args.json)
+    return 0
+
+
 @_command("extract")
 def _extract(store: Store, args: argparse.Namespace) -> int:
     from layerfs.archive.flatten import extract_path
@@ -986,6 +997,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cat", "print a file of a view without mounting it", json_flag=False)
     p.add_argument("target")
     p.add_argument("path")
+
+    p = add("completion", "print a bash completion script (or, 'names', what TARGET can be)")
+    p.add_argument("what", choices=["bash", "names"])
 
     add("wipe", "delete every layer")
     add("status", "show store and driver facts")
