@@ -156,14 +156,17 @@ def _count(tally: Tally, e: _Entry, seen: set[_FileKey]) -> None:
         tally.bytes += e.size
 
 
-def _row_paths(li: LayerIndex) -> list[bytes]:
-    """Path of every row of a layer index (rows are breadth first: parents come first)."""
+def _row_paths(li: LayerIndex) -> tuple[list[bytes], list[bytes]]:
+    """Path and name of every row of a layer index (rows are breadth first: parents come
+    first)."""
     paths = [b""]
+    names = [b""]
     for r in range(1, li.rows):
         parent = paths[li.parent[r]]
         name = li.name(r)
+        names.append(name)
         paths.append(parent + b"/" + name if parent else name)
-    return paths
+    return paths, names
 
 
 def _apply_layer(
@@ -171,14 +174,14 @@ def _apply_layer(
 ) -> list[bytes]:
     """Put layer *li* (chain index *pos*) on top of *view*, filling rep's added, modified
     and deleted tallies; returns the layer's row paths."""
-    paths = _row_paths(li)
+    paths, names = _row_paths(li)
     aufs = fmt == "aufs"
     seen_new: set[_FileKey] = set()
     seen_gone: set[_FileKey] = set()
     whited: set[bytes] = set()  # aufs: names a .wh. file hides in this layer too
     if aufs:
         for r in range(1, li.rows):
-            name = li.name(r)
+            name = names[r]
             target = whiteout_target(fmt, name, li.mode[r], li.rdev[r], li.size[r], li.flags[r])
             if target is not None and target != name:
                 whited.add(paths[li.parent[r]] + b"/" + target if li.parent[r] else target)
@@ -191,7 +194,7 @@ def _apply_layer(
             if is_opaque(fmt, li.flags[0], marker, True):
                 view.remove_below(b"", rep.deleted, seen_gone)
             continue
-        name = li.name(r)
+        name = names[r]
         target = whiteout_target(fmt, name, mode, li.rdev[r], li.size[r], li.flags[r])
         if target is not None:
             parent = paths[li.parent[r]]
@@ -231,6 +234,7 @@ def inspect_chain(index: UnionIndex, layer_ids: Sequence[str], *, largest: int =
             visible.add((pos, li.dev[r], li.ino[r]))
     view = _View()
     reports: list[LayerReport] = []
+    layer_files: list[dict[_FileKey, tuple[int, bytes]]] = []
     for pos in range(n - 1, -1, -1):  # base first
         rep = LayerReport(layer_ids[pos])
         reports.append(rep)
@@ -240,13 +244,23 @@ def inspect_chain(index: UnionIndex, layer_ids: Sequence[str], *, largest: int =
         for r in range(1, li.rows):
             if stat.S_ISREG(li.mode[r]):
                 files.setdefault((pos, li.dev[r], li.ino[r]), (li.size[r], paths[r]))
-        rep.stored_bytes = sum(size for size, _ in files.values())
-        rep.visible_bytes = sum(files[k][0] for k in files if k in visible)
+        layer_files.append(files)
+    final_paths = len(index) - 1
+    consistent = len(view.entries) - 1 == final_paths and all(
+        rel in view.entries for rel, _ in index.walk()
+    )
+
+    def in_view(path: bytes) -> bool:  # the pass ends with the final view's paths
+        return path in view.entries if consistent else index.resolve(path) is not None
+
+    for rep, files in zip(reports, layer_files, strict=True):
         states: dict[bytes, str] = {}
         for key, (size, p) in files.items():
+            rep.stored_bytes += size
             if key in visible:
                 states[p] = "visible"
-            elif index.resolve(p) is not None:
+                rep.visible_bytes += size
+            elif in_view(p):
                 states[p] = "shadowed"
                 rep.shadowed_bytes += size
             else:
@@ -256,10 +270,6 @@ def inspect_chain(index: UnionIndex, layer_ids: Sequence[str], *, largest: int =
             LargeFile("/" + p.decode("utf-8", "backslashreplace"), size, states[p])
             for size, p in heapq.nlargest(largest, files.values())
         ]
-    final_paths = len(index) - 1
-    consistent = len(view.entries) - 1 == final_paths and all(
-        rel in view.entries for rel, _ in index.walk()
-    )
     return ChainReport(
         layers=reports,
         visible_bytes=sum(r.visible_bytes for r in reports),
