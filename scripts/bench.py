@@ -1088,6 +1088,8 @@ def main() -> int:
         import bench_writes
 
         text += "\n\n" + bench_writes.run(args.workdir, quick=args.quick, log=log)[0]
+    if "b" in args.chains:  # layerfs inspect on chain b: scripts/bench_inspect.py
+        text += "\n\n" + __import__("bench_inspect").run(args.workdir, quick=args.quick, log=log)[0]
     text += f"\n(total run time {time.perf_counter() - t0:.0f} s)"
     print(text)
     if args.json:
