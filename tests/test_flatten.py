@@ -30,7 +30,7 @@ from layerfs.fs.index import build_index
 pytestmark = [pytest.mark.root]
 
 
-def _rich_store(paths: StorePaths, tmp: Path) -> tuple[str, list[str]]:
+def rich_store(paths: StorePaths, tmp: Path) -> tuple[str, list[str]]:
     """A store whose 3-layer chain holds the rich chain; returns (top id, diff dirs top first)."""
     store = paths.store()
     built = make_rich_chain(tmp / "built")
@@ -59,7 +59,7 @@ def _untar(tar: Path, dest: Path) -> None:
 
 def test_export_is_the_kernel_tree(cli: LayerfsCLI, paths: StorePaths, tmp_path: Path) -> None:
     require_root()
-    _top, dirs = _rich_store(paths, tmp_path)
+    _top, dirs = rich_store(paths, tmp_path)
     out = tmp_path / "flat.tar"
     cli.run("export", "top", "-o", str(out))
     _untar(out, tmp_path / "x")
@@ -79,7 +79,7 @@ def test_tar_entries(paths: StorePaths, cli: LayerfsCLI, tmp_path: Path) -> None
     """No whiteout or marker entry; hard links as link entries; ns mtimes and xattrs in PAX;
     numeric owners only."""
     require_root()
-    _top, _dirs = _rich_store(paths, tmp_path)
+    _top, _dirs = rich_store(paths, tmp_path)
     data = cli.run("export", "top").stdout
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         members = {m.name: m for m in tf.getmembers()}
@@ -102,7 +102,7 @@ def test_tar_entries(paths: StorePaths, cli: LayerfsCLI, tmp_path: Path) -> None
 @pytest.mark.parametrize("codec", ["gzip", "zstd", "xz", "bzip2"])
 def test_compressed_export(cli: LayerfsCLI, paths: StorePaths, tmp_path: Path, codec: str) -> None:
     require_root()
-    _rich_store(paths, tmp_path)
+    rich_store(paths, tmp_path)
     plain = cli.run("export", "top").stdout
     packed = tmp_path / "t"
     cli.run("export", "--compress", codec, "-o", str(packed), "top")
@@ -145,7 +145,7 @@ def test_export_streams(tmp_path: Path) -> None:
 def test_output_is_atomic(cli: LayerfsCLI, paths: StorePaths, tmp_path: Path) -> None:
     """Disk full on -o: one line, no partial file, the previous file untouched."""
     require_root()
-    _rich_store(paths, tmp_path)
+    rich_store(paths, tmp_path)
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
@@ -164,7 +164,7 @@ def test_output_is_atomic(cli: LayerfsCLI, paths: StorePaths, tmp_path: Path) ->
 
 def test_refuses_a_terminal(cli: LayerfsCLI, paths: StorePaths, tmp_path: Path) -> None:
     require_root()
-    _rich_store(paths, tmp_path)
+    rich_store(paths, tmp_path)
     leader, follower = pty.openpty()
     try:
         r = subprocess.run(cli.argv("export", "top"), stdout=follower, stderr=subprocess.PIPE)
@@ -191,7 +191,7 @@ def test_unknown_target(cli: LayerfsCLI, tmp_path: Path) -> None:
 
 def test_extract_subtree_and_file(cli: LayerfsCLI, paths: StorePaths, tmp_path: Path) -> None:
     require_root()
-    _top, dirs = _rich_store(paths, tmp_path)
+    _top, dirs = rich_store(paths, tmp_path)
     dest = tmp_path / "dest"
     dest.mkdir()
     cli.run("extract", "top", "/bin", str(dest))
@@ -219,7 +219,7 @@ def test_extract_stays_in_dest(cli: LayerfsCLI, paths: StorePaths, tmp_path: Pat
     """No escape: not through `..` or links in PATH (resolved in the view), not through
     symlinks already in DEST (replaced, never followed)."""
     require_root()
-    _rich_store(paths, tmp_path)
+    rich_store(paths, tmp_path)
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "hosts").write_text("precious\n")
@@ -240,7 +240,7 @@ def test_extract_stays_in_dest(cli: LayerfsCLI, paths: StorePaths, tmp_path: Pat
 
 def test_extract_errors(cli: LayerfsCLI, paths: StorePaths, tmp_path: Path) -> None:
     require_root()
-    _rich_store(paths, tmp_path)
+    rich_store(paths, tmp_path)
     dest = tmp_path / "dest"
     dest.mkdir()
     cases = {

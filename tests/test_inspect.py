@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from test_flatten import rich_store
 
 from conftest import LayerfsCLI, StorePaths, require_root
 from fs_helpers import build_random_layer, chains, make_rich_chain
@@ -174,18 +175,10 @@ def test_hard_links_counted_once(tmp_path: Path) -> None:
 
 def test_cli(cli: LayerfsCLI, paths: StorePaths, tmp_path: Path) -> None:
     require_root()
-    store = paths.store()
-    built = make_rich_chain(tmp_path / "built")
-    parent = None
-    ids = []
-    for name in ("base", "mid", "top"):
-        parent = store.create_layer(names=[name], parent=parent).id
-        ids.append(parent)
-    for src, layer_id in zip(built, reversed(ids), strict=True):
-        os.rmdir(store.diff_dir(layer_id))
-        os.rename(src, store.diff_dir(layer_id))
+    _top, dirs = rich_store(paths, tmp_path)
+    ids = [os.path.basename(os.path.dirname(d)) for d in dirs]  # top first
     data = json.loads(cli.out("inspect", "--json", "top"))
-    _check_rich(data, list(reversed(ids)))
+    _check_rich(data, ids)
     text = cli.out("inspect", "top")
     assert text.splitlines()[0] == "top: 3 layers, 44 entries in the view"
     assert "efficiency 99.99 %: 3.0 MiB visible of 3.0 MiB stored, 296 B wasted" in text
