@@ -32,6 +32,7 @@ whether the pass ended with exactly the final view's paths.
 from __future__ import annotations
 
 import heapq
+import math
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -324,10 +325,10 @@ def human(n: int) -> str:
 
 
 def report_text(report: ChainReport, target: str) -> str:
-    """The human-readable report."""
+    """The human-readable report (the efficiency rounded down: 100 % only without waste)."""
     lines = [
         f"{target}: {len(report.layers)} layers, {report.visible_entries} entries in the view",
-        f"efficiency {report.efficiency * 100:.2f} %: {human(report.visible_bytes)} visible of "
+        f"efficiency {math.floor(report.efficiency * 10_000) / 100:.2f} %: {human(report.visible_bytes)} visible of "
         f"{human(report.stored_bytes)} stored, {human(report.wasted_bytes)} wasted",
         "",
         f"{'#':>3} {'LAYER':<13}{'ADDED':>18}{'MODIFIED':>18}{'DELETED':>18}"
