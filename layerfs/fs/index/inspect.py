@@ -326,9 +326,10 @@ def human(n: int) -> str:
 
 def report_text(report: ChainReport, target: str) -> str:
     """The human-readable report (the efficiency rounded down: 100 % only without waste)."""
+    percent = math.floor(report.efficiency * 10_000) / 100
     lines = [
         f"{target}: {len(report.layers)} layers, {report.visible_entries} entries in the view",
-        f"efficiency {math.floor(report.efficiency * 10_000) / 100:.2f} %: {human(report.visible_bytes)} visible of "
+        f"efficiency {percent:.2f} %: {human(report.visible_bytes)} visible of "
         f"{human(report.stored_bytes)} stored, {human(report.wasted_bytes)} wasted",
         "",
         f"{'#':>3} {'LAYER':<13}{'ADDED':>18}{'MODIFIED':>18}{'DELETED':>18}"
