@@ -671,13 +671,18 @@ def _inspect(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
-@_command("completion")
-def _completion(store: Store, args: argparse.Namespace) -> int:
+def _completion(args: argparse.Namespace) -> int:
+    """``completion``: run without making a store (a root typed wrongly on the command line
+    being completed must not become a new store); ``names`` reads an existing one only."""
     from layerfs import completion
+    from layerfs.store.layers import default_root
 
     if args.what == "bash":
         _out(completion.bash_script(build_parser()).rstrip("\n"))
-    else:
+        return 0
+    root = os.path.abspath(args.root or default_root())
+    if os.path.isdir(os.path.join(root, "overlay-layers")):
+        store = Store(args.root, args.runroot, read_only=True)
         _print_lines(completion.store_names(store), args.json)
     return 0
 
@@ -1019,8 +1024,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="layerfs: %(levelname)s: %(message)s",
     )
-    handler = _COMMANDS["unmount" if args.command == "umount" else args.command]
+    handler = _COMMANDS.get("unmount" if args.command == "umount" else args.command)
     try:
+        if handler is None:
+            return _completion(args)
         store = Store(args.root, args.runroot, read_only=False)
         return handler(store, args)
     except LayerfsError as exc:

@@ -4,6 +4,7 @@ the store at completion time."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LayerfsCLI, StorePaths, require_tool
+from image_helpers import build_oci_image, sample_steps
 from layerfs.cli import build_parser
 from layerfs.completion import _subparsers
 
@@ -112,15 +114,21 @@ def test_store_names_at_completion_time(
     got = complete(script, [str(wrapper), *store, "ls", ""])
     assert set(got) >= {"alpha", "beta", layer}
     assert complete(script, [str(wrapper), *store, "mount", "--rw", "al"]) == ["alpha"]
-    assert complete(script, [str(wrapper), *store, "delete-layer", "alpha", "b"]) == ["beta"]
+    assert complete(script, [str(wrapper), *store, "delete-layer", "alpha", "bet"]) == ["beta"]
     # a view path (the second positional of cat) gets no store names
     assert complete(script, [str(wrapper), *store, "cat", "alpha", "al"]) == []
     # the store given on the line is the one asked: another root has none of these
     other = ["--root", paths.root + "-other", "--runroot", paths.runroot + "-other"]
     assert complete(script, [str(wrapper), *other, "ls", "al"]) == []
-    assert os.path.isdir(paths.root)
+    assert not os.path.exists(paths.root + "-other")  # completing made no store there
 
 
-def test_names_command(cli: LayerfsCLI) -> None:
+def test_names_command(cli: LayerfsCLI, tmp_path: Path) -> None:
     layer = cli.out("create-layer", "--name", "n1", "--name", "n2").split()[0]
     assert cli.out("completion", "names").split() == [layer, "n1", "n2"]
+    layout = build_oci_image(tmp_path, sample_steps()[:1])
+    cli.run("import-image", "--name", "localhost/one:1", f"oci:{layout}:t")
+    image = json.loads(cli.out("images", "--json"))[0]
+    names = cli.out("completion", "names").split()
+    assert {image["id"], "localhost/one:1", image["layer"]} <= set(names)
+    assert len(names) == len(set(names))
