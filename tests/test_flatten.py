@@ -279,3 +279,41 @@ def test_export_as_python_tarfile_roundtrip(tmp_path: Path) -> None:
         assert names == [".", "./d", "./d/f", "./d/g", "./new"]
         extracted = tf.extractfile("./new")
         assert extracted is not None and extracted.read() == b"n" * 513
+
+
+@pytest.mark.parametrize(("wh", "opq"), [("file", "file"), ("char", "user")])
+def test_mount_program_format_export(tmp_path: Path, wh: str, opq: str) -> None:
+    """A mount-program store (``.wh.`` files, ``.wh..wh..opq``, user.overlay.opaque) exports
+    the same tree the kernel shows for the kernel-form chain: no marker gets into the tar."""
+    require_root()
+    dirs = make_rich_chain(tmp_path / "aufs", wh, opq)
+    kdirs = make_rich_chain(tmp_path / "kform")
+    tar = tmp_path / "flat.tar"
+    with open(tar, "wb") as f:
+        write_view_tar(f, build_index(dirs, "aufs"))
+    with tarfile.open(tar) as tf:
+        assert not [n for n in tf.getnames() if ".wh." in n]
+    _untar(tar, tmp_path / "x")
+    got = snapshot(str(tmp_path / "x"))
+    with kernel_overlay(kdirs, tmp_path / "k") as k:
+        want = snapshot(k)
+    assert_same_tree(got, want, ignore=("ino", "nlink"))
+
+
+def test_sockets_are_left_out(tmp_path: Path) -> None:
+    import socket
+
+    layer = tmp_path / "l"
+    layer.mkdir()
+    (layer / "f").write_bytes(b"f")
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(layer / "s"))
+        buf = io.BytesIO()
+        stats = write_view_tar(buf, build_index([str(layer)]))
+    finally:
+        sock.close()
+    assert (stats.entries, stats.sockets_skipped) == (2, 1)
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as tf:
+        assert tf.getnames() == [".", "./f"]
