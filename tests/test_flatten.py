@@ -13,10 +13,12 @@ from __future__ import annotations
 import io
 import os
 import pty
+import shutil
 import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -317,3 +319,61 @@ def test_sockets_are_left_out(tmp_path: Path) -> None:
     buf.seek(0)
     with tarfile.open(fileobj=buf) as tf:
         assert tf.getnames() == [".", "./f"]
+
+
+def test_extract_as_an_ordinary_user(tmp_path: Path) -> None:
+    """Without root: contents, modes, times, symlinks and user.* xattrs are written; owners
+    stay the caller's, trusted.* is skipped; a device is a one-line error."""
+    require_root()
+    require_tool("setpriv")
+    base = Path(tempfile.mkdtemp(prefix="lfs-extract-", dir="/var/tmp"))
+    try:
+        base.chmod(0o755)
+        layer = base / "layer"
+        layer.mkdir()
+        f = layer / "f"
+        f.write_bytes(b"data")
+        f.chmod(0o644)  # readable by the ordinary user
+        os.chown(f, 1234, 1234)
+        os.setxattr(f, "user.k", b"v")
+        os.setxattr(f, "trusted.t", b"t")
+        os.utime(f, ns=(T0, T0))
+        os.symlink("f", layer / "l")
+        dest = base / "dest"
+        dest.mkdir()
+        os.chown(dest, 65534, 65534)
+        repo = Path(__file__).resolve().parent.parent
+        code = (
+            "import sys\n"
+            "from layerfs.fs.index import build_index\n"
+            "from layerfs.archive.flatten import extract_path\n"
+            "idx = build_index([sys.argv[1]])\n"
+            "print(extract_path(idx, sys.argv[2], sys.argv[3]).entries)\n"
+        )
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        env = {"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"}
+        r = subprocess.run(
+            [*as_nobody, sys.executable, "-c", code, str(layer), "/", str(dest)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["2"]
+        st = os.stat(dest / "f")
+        assert (st.st_uid, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (65534, 0o644, T0)
+        assert (dest / "f").read_bytes() == b"data"
+        assert os.getxattr(dest / "f", "user.k") == b"v"
+        assert "trusted.t" not in os.listxattr(dest / "f")
+        assert os.readlink(dest / "l") == "f"
+        os.mknod(layer / "dev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        r = subprocess.run(
+            [*as_nobody, sys.executable, "-c", code, str(layer), "/dev", str(dest)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert r.returncode == 1
+        assert r.stderr.strip().endswith(f"{dest / 'dev'}: creating a device needs root")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
