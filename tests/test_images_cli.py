@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import GoTool, LayerfsCLI, StorePaths, make_tar
+from conftest import GoTool, LayerfsCLI, StorePaths, make_tar, require_root, require_tool
 from image_helpers import build_oci_image, sample_steps
 
 pytestmark = [pytest.mark.interop, pytest.mark.root]
@@ -155,6 +155,27 @@ def test_version_needs_no_fuse_or_root() -> None:
     assert ("patched" in lines[1]) or ("stock" in lines[1])
     assert lines[2].startswith("libfuse 3.")
     assert r.stderr == ""
+    # as an ordinary user, with /dev/fuse hidden (a private mount namespace): the same answer
+    require_root()
+    require_tool("setpriv")
+    repo = str(Path(__file__).resolve().parent.parent)
+    cmd = [
+        "unshare",
+        "--mount",
+        "sh",
+        "-c",
+        "mount --bind /dev/null /dev/fuse && exec setpriv --reuid=65534 --regid=65534 "
+        '--clear-groups "$@"',
+        "-",
+        sys.executable,
+        "-m",
+        "layerfs",
+        "--version",
+    ]
+    env = {"PYTHONPATH": repo, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    r2 = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r2.returncode == 0, r2.stderr
+    assert r2.stdout == r.stdout
 
 
 def test_version_tells_stock_from_patched() -> None:
