@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from rootless_helpers import RootlessUser, rootless_user  # noqa: F401  (fixture)
 
 from conftest import LayerfsCLI, StorePaths, require_root, require_tool
 from fs_helpers import T0, assert_same_tree, kernel_overlay, make_rich_chain, snapshot
@@ -321,11 +322,10 @@ def test_sockets_are_left_out(tmp_path: Path) -> None:
         assert tf.getnames() == [".", "./f"]
 
 
-def test_extract_as_an_ordinary_user(tmp_path: Path) -> None:
+def test_extract_as_an_ordinary_user(rootless_user: RootlessUser) -> None:  # noqa: F811
     """Without root: contents, modes, times, symlinks and user.* xattrs are written; owners
     stay the caller's, trusted.* is skipped; a device is a one-line error."""
-    require_root()
-    require_tool("setpriv")
+    u = rootless_user
     base = Path(tempfile.mkdtemp(prefix="lfs-extract-", dir="/var/tmp"))
     try:
         base.chmod(0o755)
@@ -341,7 +341,7 @@ def test_extract_as_an_ordinary_user(tmp_path: Path) -> None:
         os.symlink("f", layer / "l")
         dest = base / "dest"
         dest.mkdir()
-        os.chown(dest, 65534, 65534)
+        os.chown(dest, u.uid, u.gid)
         repo = Path(__file__).resolve().parent.parent
         code = (
             "import sys\n"
@@ -350,29 +350,18 @@ def test_extract_as_an_ordinary_user(tmp_path: Path) -> None:
             "idx = build_index([sys.argv[1]])\n"
             "print(extract_path(idx, sys.argv[2], sys.argv[3]).entries)\n"
         )
-        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        env = {"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"}
-        r = subprocess.run(
-            [*as_nobody, sys.executable, "-c", code, str(layer), "/", str(dest)],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
+        env = {"PYTHONPATH": str(repo)}
+        r = u.run(["python", "-c", code, str(layer), "/", str(dest)], env=env)
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == ["2"]
         st = os.stat(dest / "f")
-        assert (st.st_uid, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (65534, 0o644, T0)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (u.uid, 0o644, T0)
         assert (dest / "f").read_bytes() == b"data"
         assert os.getxattr(dest / "f", "user.k") == b"v"
         assert "trusted.t" not in os.listxattr(dest / "f")
         assert os.readlink(dest / "l") == "f"
         os.mknod(layer / "dev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
-        r = subprocess.run(
-            [*as_nobody, sys.executable, "-c", code, str(layer), "/dev", str(dest)],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
+        r = u.run(["python", "-c", code, str(layer), "/dev", str(dest)], env=env)
         assert r.returncode == 1
         assert r.stderr.strip().endswith(f"{dest / 'dev'}: creating a device needs root")
     finally:

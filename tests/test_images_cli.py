@@ -7,15 +7,15 @@ images it made (``create-image``, ``set-image-data``) and for images layerfs imp
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rootless_helpers import RootlessUser, rootless_user  # noqa: F401  (fixture)
 
-from conftest import GoTool, LayerfsCLI, StorePaths, make_tar, require_root, require_tool
+from conftest import GoTool, LayerfsCLI, StorePaths, make_tar
 from image_helpers import build_oci_image, sample_steps
 
 pytestmark = [pytest.mark.interop, pytest.mark.root]
@@ -156,27 +156,25 @@ def test_version_needs_no_fuse_or_root() -> None:
     assert ("patched" in lines[1]) or ("stock" in lines[1])
     assert lines[2].startswith("libfuse 3.")
     assert r.stderr == ""
-    # as an ordinary user, with /dev/fuse hidden (a private mount namespace): the same answer
-    require_root()
-    require_tool("setpriv")
-    repo = str(Path(__file__).resolve().parent.parent)
-    cmd = [
-        "unshare",
-        "--mount",
-        "sh",
-        "-c",
-        "mount --bind /dev/null /dev/fuse && exec setpriv --reuid=65534 --regid=65534 "
-        '--clear-groups "$@"',
-        "-",
-        sys.executable,
-        "-m",
-        "layerfs",
-        "--version",
-    ]
-    env = {"PYTHONPATH": repo, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    r2 = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert r2.returncode == 0, r2.stderr
-    assert r2.stdout == r.stdout
+
+
+def test_version_as_an_ordinary_user_without_fuse(
+    rootless_user: RootlessUser,  # noqa: F811
+) -> None:
+    """An ordinary user, /dev/fuse hidden (bound over by /dev/null in a private mount
+    namespace): the same three lines."""
+    want = subprocess.run(
+        [sys.executable, "-m", "layerfs", "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    u = rootless_user
+    env = u.env({"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    as_user = [f"--reuid={u.uid}", f"--regid={u.gid}", "--init-groups", "--reset-env", "--"]
+    hide_fuse = ["unshare", "--mount", "sh", "-c", 'mount --bind /dev/null /dev/fuse && exec "$@"']
+    user_env = [f"{k}={v}" for k, v in env.items()]
+    argv = [*hide_fuse, "-", "setpriv", *as_user, "env", *user_env, "python", "-m", "layerfs"]
+    r = subprocess.run([*argv, "--version"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want
 
 
 def test_version_tells_stock_from_patched() -> None:
