@@ -321,11 +321,15 @@ def _images(store: Store, args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stdout.buffer.write(store.images.json_bytes() + b"\n")
         return 0
-    _out(f"{'IMAGE ID':<14}{'NAMES':<34}{'TOP LAYER':<14}{'SIZE':>12}  CREATED")
+    _out(f"{'IMAGE ID':<14}{'NAMES':<34}{'TOP LAYER':<14}{'DIGEST':<21}{'SIZE':>12}  CREATED")
     for record in store.images.load():
         f = _image_facts(store, record)
         names = ",".join(f["names"]) or "-"
-        _out(f"{f['id'][:12]:<14}{names:<34}{f['layer'][:12]:<14}{f['size']:>12}  {f['created']}")
+        digest = f["digest"][:19] or "-"  # the algorithm and 12 hex digits
+        _out(
+            f"{f['id'][:12]:<14}{names:<34}{f['layer'][:12]:<14}{digest:<21}{f['size']:>12}"
+            f"  {f['created']}"
+        )
     return 0
 
 

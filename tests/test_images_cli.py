@@ -76,7 +76,9 @@ def _compare(cli: LayerfsCLI, go: GoTool, refs: list[str]) -> None:
         cols = row.split()
         assert cols[1] == (",".join(want["names"]) or "-")
         assert cols[2] == want["layer"][:12]
-        assert int(cols[3]) == want["size"]
+        assert cols[3] == (want["digest"][:19] or "-")
+        assert int(cols[4]) == want["size"]
+        assert cols[5] == json.loads(go.out("image", "-j", image_id))[0]["created"]
 
 
 def test_images_made_by_go_read_by_layerfs(cli: LayerfsCLI, go: GoTool, paths: StorePaths) -> None:
