@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
 
-from layerfs.errors import LayerfsError, LayerUnknownError, describe_os_error
+from layerfs.errors import AmbiguousLayerError, LayerfsError, LayerUnknownError, describe_os_error
 from layerfs.store.layers import Store
 from layerfs.store.record import Layer, go_json_dumps
 
@@ -157,9 +157,49 @@ def _layer(store: Store, args: argparse.Namespace) -> int:
     return rc
 
 
+#: Read-only layer commands that also take an image (its top layer), as TARGET commands do.
+_IMAGE_AWARE = frozenset(
+    [
+        "layer",
+        "names",
+        "metadata",
+        "list-layer-data",
+        "get-layer-data",
+        "diff",
+        "changes",
+        "diffsize",
+    ]
+)
+
+
+def _top_layer_if_image(store: Store, ref: str) -> str:
+    """*ref* itself when it names a layer (or is an ambiguous layer prefix: the command
+    reports that); else the top layer of the image it names; else *ref* (the command's
+    own error names it)."""
+    try:
+        store.get(ref)
+        return ref
+    except LayerUnknownError as exc:
+        if isinstance(exc, AmbiguousLayerError):
+            return ref
+    return store.images.top_layer_of(ref) or ref
+
+
+def _images_to_top_layers(store: Store, args: argparse.Namespace) -> None:
+    for attr in ("layer", "layers", "from_layer"):
+        value = getattr(args, attr, None)
+        if isinstance(value, str):
+            setattr(args, attr, _top_layer_if_image(store, value))
+        elif isinstance(value, list):
+            setattr(args, attr, [_top_layer_if_image(store, v) for v in value])
+
+
 @_command("exists")
 def _exists(store: Store, args: argparse.Namespace) -> int:
-    results = {ref: store.exists(ref) for ref in args.layers}
+    # a layer or an image (Go's exists checks both, and containers)
+    results = {
+        ref: store.exists(ref) or store.images.top_layer_of(ref) is not None for ref in args.layers
+    }
     if args.json:
         _print_json(results)
     else:
@@ -1033,6 +1073,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if handler is None:
             return _completion(args)
         store = Store(args.root, args.runroot, read_only=False)
+        if args.command in _IMAGE_AWARE:
+            _images_to_top_layers(store, args)
         return handler(store, args)
     except LayerfsError as exc:
         if args.debug:

@@ -146,6 +146,45 @@ def test_image_names_are_view_targets(cli: LayerfsCLI, go: GoTool, tmp_path: Pat
     )
 
 
+def test_image_names_in_read_only_layer_commands(cli: LayerfsCLI, go: GoTool) -> None:
+    """layer, names, metadata, list/get-layer-data, diff, changes, diffsize and exists take an
+    image (its top layer) too; commands that change a layer take layers only."""
+    base = go.out("import-layer", input=make_tar({"a": b"x" * 10})).split()[0]
+    top = go.out("import-layer", base, input=make_tar({"b": b"y" * 5})).split()[0]
+    go.run("set-metadata", "-m", "meta", top)
+    go.run("set-layer-data", "-f", "/etc/hostname", top, "k")
+    image = go.out("create-image", "-n", "img", top).split()[0]
+    for args in (
+        ["layer"],
+        ["layer", "--json"],
+        ["names"],
+        ["metadata"],
+        ["list-layer-data"],
+        ["get-layer-data", "{}", "k"],
+        ["diff", "--compress", "none"],
+        ["changes", "--json"],
+        ["diffsize"],
+    ):
+
+        def argv(ref: str, a: list[str] = args) -> list[str]:
+            return [x.format(ref) for x in a] if "{}" in a else [*a, ref]
+
+        want = cli.run(*argv(top)).stdout
+        assert cli.run(*argv("img")).stdout == want, args
+        assert cli.run(*argv(image[:9])).stdout == want, args
+    assert cli.run("diff", "--compress", "none", "img", base).returncode == 0  # FROM: a layer
+    r = cli.run("exists", "img", top, "nosuch", check=False)
+    assert r.returncode == 1
+    assert r.stdout.decode().splitlines() == [
+        "img: true",
+        f"{top}: true",
+        "nosuch: false",
+    ]
+    r = cli.run("set-metadata", "-m", "x", "img", check=False)
+    assert r.returncode == 1 and r.stderr.decode().startswith('layerfs: layer "img" not known')
+    assert go.out("metadata", top).strip().endswith("meta")
+
+
 def test_version_needs_no_fuse_or_root() -> None:
     r = subprocess.run(
         [sys.executable, "-m", "layerfs", "--version"], capture_output=True, text=True, check=True
