@@ -270,9 +270,11 @@ def test_export_as_python_tarfile_roundtrip(tmp_path: Path) -> None:
     (low / "d").mkdir(parents=True)
     (low / "d" / "f").write_bytes(b"hello")
     os.link(low / "d" / "f", low / "d" / "g")
+    os.utime(low / "d" / "f", ns=(0, 1_700_000_000_000_000_000))
     up = tmp_path / "up"
     up.mkdir()
     (up / "new").write_bytes(b"n" * 513)
+    os.utime(up / "new", ns=(0, -5_000_000_000))  # whole seconds, before 1970
     buf = io.BytesIO()
     stats = write_view_tar(buf, build_index([str(up), str(low)]))
     assert (stats.entries, stats.bytes) == (5, 5 + 513)
@@ -282,6 +284,8 @@ def test_export_as_python_tarfile_roundtrip(tmp_path: Path) -> None:
         assert names == [".", "./d", "./d/f", "./d/g", "./new"]
         extracted = tf.extractfile("./new")
         assert extracted is not None and extracted.read() == b"n" * 513
+        assert tf.getmember("./new").mtime == -5
+        assert "mtime" not in tf.getmember("./d/f").pax_headers  # whole seconds: ustar field
 
 
 @pytest.mark.parametrize(("wh", "opq"), [("file", "file"), ("char", "user")])

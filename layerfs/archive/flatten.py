@@ -9,11 +9,12 @@ streamed; nothing holds more than one chunk in memory.
 
 The tar (PAX, names ``./…``, the root as ``./``) carries, per entry: type, permission bits,
 numeric uid/gid (no user or group names: the host's names mean nothing for an image), the
-mtime with nanoseconds (a PAX ``mtime`` record), the xattrs a layer tar carries
-(:func:`layerfs.archive.export.exported_xattr`: ``security.capability``, ``user.*``,
-``trusted.*``; never overlay markers), symlink targets and device numbers. Files that are
-hard links of each other in the view (the same view inode) are one regular entry and hard
-link entries to it. Sockets cannot be put in a tar and are left out (GNU tar does the same).
+mtime with nanoseconds (a PAX ``mtime`` record when not whole seconds), the xattrs a layer
+tar carries (:func:`layerfs.archive.export.exported_xattr`: ``security.capability``,
+``user.*``, ``trusted.*``; never overlay markers), symlink targets and device numbers.
+Files that are hard links of each other in the view (the same view inode) are one regular
+entry and hard link entries to it. Sockets cannot be put in a tar and are left out (GNU tar
+does the same).
 
 The caller keeps the layers from changing while this reads them (``layers.lock`` shared,
 :meth:`layerfs.store.layers.Store.reading_layer`).
@@ -92,7 +93,8 @@ def write_view_tar(out: BinaryIO, index: UnionIndex) -> FlattenStats:
             continue
         ti = tar_header(name, typ, mode, a.uid, a.gid, a.mtime_ns // _NS, names=False)
         pax = pax_xattrs(_xattr_pairs(index, a.ino))
-        pax["mtime"] = pax_time(a.mtime_ns)
+        if a.mtime_ns % _NS:  # (whole seconds fit the ustar field; tarfile adds PAX if not)
+            pax["mtime"] = pax_time(a.mtime_ns)
         ti.pax_headers = pax
         if stat.S_ISREG(mode) and a.nlink > 1:
             if a.ino in first_name:
