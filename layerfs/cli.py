@@ -178,11 +178,11 @@ def _top_layer_if_image(store: Store, ref: str) -> str:
     own error names it)."""
     try:
         store.get(ref)
+    except AmbiguousLayerError:
         return ref
-    except LayerUnknownError as exc:
-        if isinstance(exc, AmbiguousLayerError):
-            return ref
-    return store.images.top_layer_of(ref) or ref
+    except LayerUnknownError:
+        return store.images.top_layer_of(ref) or ref
+    return ref
 
 
 def _images_to_top_layers(store: Store, args: argparse.Namespace) -> None:
