@@ -159,9 +159,11 @@ def _gname(gid: int) -> str:
 
 def exported_xattr(key: str) -> bool:
     """Whether a tar carries this xattr: ``security.capability``, ``user.*`` and
-    ``trusted.*``, but never overlay markers, a read-write view's bookkeeping
-    (``trusted.layerfs.*``, e.g. origin inodes) or SELinux labels."""
-    if key.startswith(("trusted.overlay.", "user.overlay.", "trusted.layerfs.")):
+    ``trusted.*``, but never overlay markers, layerfs's own names (a read-write view's
+    bookkeeping such as origin inodes, ``trusted.layerfs.*`` or, in a user namespace,
+    ``user.layerfs.*``) or SELinux labels."""
+    internal = ("trusted.overlay.", "user.overlay.", "trusted.layerfs.", "user.layerfs.")
+    if key.startswith(internal):
         return False
     return key == "security.capability" or key.startswith(("user.", "trusted."))
 
