@@ -132,3 +132,40 @@ def test_names_command(cli: LayerfsCLI, tmp_path: Path) -> None:
     names = cli.out("completion", "names").split()
     assert {image["id"], "localhost/one:1", image["layer"]} <= set(names)
     assert len(names) == len(set(names))
+
+
+def complete_line(script: Path, line: str) -> list[str]:
+    """COMPREPLY for the command line *line* typed so far, as bash hands it over: COMP_LINE
+    and COMP_POINT, and COMP_WORDS split at COMP_WORDBREAKS (so at ':' too)."""
+    bash = require_tool("bash")
+    code = (
+        f"source {shlex.quote(str(script))}\n"
+        f"COMP_LINE={shlex.quote(line)}; COMP_POINT=${{#COMP_LINE}}\n"
+        'read -ra COMP_WORDS <<< "${COMP_LINE//:/ : }"\n'
+        '[[ $COMP_LINE == *" " ]] && COMP_WORDS+=("")\n'
+        "COMP_CWORD=$((${#COMP_WORDS[@]} - 1))\n"
+        '_layerfs; printf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
+    r = subprocess.run(
+        [bash, "--norc", "--noprofile", "-c", code], capture_output=True, text=True, check=True
+    )
+    assert r.stderr == ""
+    return [line for line in r.stdout.splitlines() if line]
+
+
+def test_image_names_with_a_colon(
+    script: Path, wrapper: Path, cli: LayerfsCLI, paths: StorePaths, tmp_path: Path
+) -> None:
+    """Image names carry a ':' (the tag), where bash splits words: the reply is what follows
+    the last ':' and earlier arguments with a ':' count as one."""
+    layout = build_oci_image(tmp_path, sample_steps()[:1])
+    cli.run("import-image", "--name", "localhost/sample:1", f"oci:{layout}:t")
+    cli.run("create-layer", "--name", "other")
+    pre = f"{wrapper} --root {paths.root} --runroot {paths.runroot}"
+    assert complete_line(script, f"{pre} ls localhost/sam") == ["localhost/sample:1"]
+    assert complete_line(script, f"{pre} ls localhost/sample:") == ["1"]
+    assert complete_line(script, f"{pre} export --compress z") == ["zstd"]
+    # the second positional of diff is FROM (a layer): counted right after a name with ':'
+    assert "other" in complete_line(script, f"{pre} diff localhost/sample:1 ")
+    # the second positional of which is a view path: no names
+    assert complete_line(script, f"{pre} which localhost/sample:1 ") == []
