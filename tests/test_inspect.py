@@ -118,9 +118,12 @@ def _paths(index: UnionIndex) -> dict[bytes, int]:
     return {rel: row for row, (rel, _) in enumerate(index.walk(), start=1)}
 
 
+@pytest.mark.parametrize("fmt", ["kernel", "aufs"])
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-@given(chains)
-def test_random_chains_against_the_definition(layers: list[list[tuple[list[str], str]]]) -> None:
+@given(layers=chains)
+def test_random_chains_against_the_definition(
+    fmt: str, layers: list[list[tuple[list[str], str]]]
+) -> None:
     """Per layer: added/modified/deleted entries are exactly the path-set differences of the
     merged views below it and with it on top; the pass ends with the final view's paths."""
     base = Path(tempfile.mkdtemp(prefix="lfs-inspect-"))
@@ -128,12 +131,12 @@ def test_random_chains_against_the_definition(layers: list[list[tuple[list[str],
         dirs = [build_random_layer(base / f"l{i}", ops, i) for i, ops in enumerate(layers)]
         chain = list(reversed(dirs))
         ids = [f"id{i}" for i in range(len(chain))]
-        report = inspect_chain(build_index(chain), ids)
+        report = inspect_chain(build_index(chain, fmt), ids)
         assert report.consistent
         for k in range(len(chain)):  # chain index k (0 = top); report layers are base first
             got = report.layers[len(chain) - 1 - k]
-            with_view = build_index(chain[k:])
-            below = _paths(build_index(chain[k + 1 :])) if k + 1 < len(chain) else {}
+            with_view = build_index(chain[k:], fmt)
+            below = _paths(build_index(chain[k + 1 :], fmt)) if k + 1 < len(chain) else {}
             above = _paths(with_view)
             mine = {p for p, row in above.items() if with_view.layer[row] == 0}
             assert got.added.entries == len(mine - below.keys()), k

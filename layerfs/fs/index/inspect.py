@@ -131,23 +131,22 @@ class _View:
             self.kids.setdefault(path.rpartition(b"/")[0], set()).add(path)
         self.entries[path] = entry
 
-    def remove_below(self, path: bytes, tally: Tally, seen: set[_FileKey]) -> None:
-        """Drop everything under directory *path* (not *path*), counting it into *tally*."""
+    def remove_below(self, path: bytes, gone: dict[bytes, _Entry]) -> None:
+        """Drop everything under directory *path* (not *path*) into *gone*."""
         stack = list(self.kids.pop(path, ()))
         while stack:
             p = stack.pop()
-            e = self.entries.pop(p)
-            _count(tally, e, seen)
+            gone[p] = self.entries.pop(p)
             stack.extend(self.kids.pop(p, ()))
 
-    def remove(self, path: bytes, tally: Tally, seen: set[_FileKey]) -> None:
-        """Drop *path* and everything under it, counting them into *tally*."""
+    def remove(self, path: bytes, gone: dict[bytes, _Entry]) -> None:
+        """Drop *path* and everything under it into *gone*."""
         e = self.entries.pop(path, None)
         if e is None:
             return
         self.kids.get(path.rpartition(b"/")[0], set()).discard(path)
-        _count(tally, e, seen)
-        self.remove_below(path, tally, seen)
+        gone[path] = e
+        self.remove_below(path, gone)
 
 
 def _count(tally: Tally, e: _Entry, seen: set[_FileKey]) -> None:
@@ -174,11 +173,13 @@ def _apply_layer(
     view: _View, li: LayerIndex, pos: int, fmt: WhiteoutFormat, rep: LayerReport
 ) -> list[bytes]:
     """Put layer *li* (chain index *pos*) on top of *view*, filling rep's added, modified
-    and deleted tallies; returns the layer's row paths."""
+    and deleted tallies; returns the layer's row paths. A path the layer removes (opaque
+    directory, whiteout) and supplies again is modified, not deleted and added."""
     paths, names = _row_paths(li)
     aufs = fmt == "aufs"
     seen_new: set[_FileKey] = set()
     seen_gone: set[_FileKey] = set()
+    gone: dict[bytes, _Entry] = {}  # removed from the view by this layer so far
     whited: set[bytes] = set()  # aufs: names a .wh. file hides in this layer too
     if aufs:
         for r in range(1, li.rows):
@@ -193,17 +194,19 @@ def _apply_layer(
         if r == 0:
             marker = aufs and li.lookup(0, OPAQUE_MARKER) is not None
             if is_opaque(fmt, li.flags[0], marker, True):
-                view.remove_below(b"", rep.deleted, seen_gone)
+                view.remove_below(b"", gone)
             continue
         name = names[r]
         target = whiteout_target(fmt, name, mode, li.rdev[r], li.size[r], li.flags[r])
         if target is not None:
             parent = paths[li.parent[r]]
-            view.remove(parent + b"/" + target if parent else target, rep.deleted, seen_gone)
+            view.remove(parent + b"/" + target if parent else target, gone)
             continue
         if is_internal_name(fmt, name) or path in whited:
             continue
         old = view.entries.get(path)
+        if old is None:
+            old = gone.pop(path, None)
         tally = rep.added if old is None else rep.modified
         key = None if not stat.S_ISREG(mode) else (pos, li.dev[r], li.ino[r])
         entry = _Entry(is_dir, key, li.size[r] if key else 0)
@@ -211,8 +214,10 @@ def _apply_layer(
         if old is not None and old.is_dir:
             marker = is_dir and aufs and li.lookup(r, OPAQUE_MARKER) is not None
             if not is_dir or is_opaque(fmt, li.flags[r], marker, False):
-                view.remove_below(path, rep.deleted, seen_gone)
+                view.remove_below(path, gone)
         view.put(path, entry)
+    for e in gone.values():
+        _count(rep.deleted, e, seen_gone)
     return paths
 
 
