@@ -175,8 +175,9 @@ class _Writer:
         self, target: int | bytes, dirfd: int | None, row: int, rel: bytes
     ) -> None:
         """Owner (as root), permission bits and times of *row* on an open fd (*dirfd*
-        None; xattrs too) or on the entry *target* just created in *dirfd* (never through a
-        symlink; no xattrs: ``user.*`` cannot be set on links and devices)."""
+        None; xattrs too), or owner and times of the entry *target* just created in *dirfd*
+        (never through a symlink; no xattrs: ``user.*`` cannot be set on links and
+        devices)."""
         a = self.index.attr_of_row(row)
         times = (a.atime_ns, a.mtime_ns)
         if dirfd is None:
@@ -189,8 +190,8 @@ class _Writer:
             return
         if self.root:
             os.chown(target, a.uid, a.gid, dir_fd=dirfd, follow_symlinks=False)
-        if not stat.S_ISLNK(a.mode):  # a FIFO or device this writer just made by that name
-            os.chmod(target, stat.S_IMODE(a.mode), dir_fd=dirfd)
+        # (no chmod by name: it would follow a symlink swapped in meanwhile; FIFOs and
+        # devices are made with their mode)
         os.utime(target, ns=times, dir_fd=dirfd, follow_symlinks=False)
 
     def _xattrs(self, fd: int, row: int, rel: bytes) -> None:
@@ -235,13 +236,16 @@ class _Writer:
             if a.nlink > 1:
                 self.links[a.ino] = (os.dup(dirfd), name)
             return None
-        if stat.S_ISFIFO(mode):
-            os.mkfifo(name, 0o600, dir_fd=dirfd)
-        else:
-            try:
-                os.mknod(name, stat.S_IFMT(mode) | 0o600, a.rdev, dir_fd=dirfd)
-            except PermissionError:
-                raise ExtractError(f"{self.where(rel)}: creating a device needs root") from None
+        umask = os.umask(0)  # the exact mode at creation
+        try:
+            if stat.S_ISFIFO(mode):
+                os.mkfifo(name, stat.S_IMODE(mode), dir_fd=dirfd)
+            else:
+                os.mknod(name, stat.S_IFMT(mode) | stat.S_IMODE(mode), a.rdev, dir_fd=dirfd)
+        except PermissionError:
+            raise ExtractError(f"{self.where(rel)}: creating a device needs root") from None
+        finally:
+            os.umask(umask)
         self._owner_and_times(name, dirfd, row, rel)
         return None
 
