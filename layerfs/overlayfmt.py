@@ -20,6 +20,14 @@ mount is the oracle (measured on Linux 6.18):
   ``.wh..wh..opq`` is a file, ``user.overlay.opaque`` is an ordinary xattr (no ``userxattr``);
 * ``trusted.overlay.*`` xattrs are internal and never listed.
 
+Rootless (a plain user, or euid 0 in a user namespace: :func:`userxattr`), the kernel format
+is read and written as containers/storage and the kernel do it there: c/storage mounts with
+``userxattr``, so a directory is opaque when ``user.overlay.opaque`` is ``y`` (the trusted
+form means nothing, and an unprivileged process could not even read it), ``user.overlay.*``
+xattrs are internal too, and every marker layerfs writes uses ``user.overlay.*``, never
+``trusted.*``. Whiteouts stay character devices 0:0 (the kernel lets a user namespace make
+those; observed with containers-storage 1.43 inside ``podman unshare``).
+
 ``"aufs"`` (a store with a mount program): fuse-overlayfs 1.10 is the oracle (measured):
 
 * ``.wh.NAME`` (of any file type) hides ``NAME`` in lower layers *and* in its own layer; a
@@ -34,6 +42,7 @@ mount is the oracle (measured on Linux 6.18):
 
 from __future__ import annotations
 
+import functools
 import stat
 from typing import Literal
 
@@ -91,8 +100,20 @@ def check_format(fmt: str) -> WhiteoutFormat:
     raise ValueError(f"unknown whiteout format {fmt!r} (kernel or aufs)")
 
 
+@functools.cache
+def userxattr() -> bool:
+    """True when this process is rootless, so that its kernel overlay (and containers/storage
+    in it) uses ``user.overlay.*`` instead of ``trusted.overlay.*`` (the ``userxattr`` mount
+    option). Fixed for the life of the process: entering a namespace re-executes layerfs."""
+    from layerfs import userns
+
+    return userns.is_rootless()
+
+
 def is_hidden_xattr(fmt: WhiteoutFormat, name: bytes) -> bool:
     """True if the format's mount never lists xattr *name*."""
+    if fmt == "kernel" and userxattr() and name.startswith(b"user.overlay."):
+        return True
     return name.startswith(HIDDEN_PREFIXES[fmt])
 
 
@@ -119,7 +140,8 @@ def whiteout_target(
 def is_opaque(fmt: WhiteoutFormat, flags: int, has_marker_child: bool, is_root: bool) -> bool:
     """True if a layer's directory hides the same directory in all lower layers."""
     if fmt == "kernel":
-        return not is_root and bool(flags & F_TRUSTED_OPAQUE_Y)
+        marker = F_USER_OPAQUE_Y if userxattr() else F_TRUSTED_OPAQUE_Y
+        return not is_root and bool(flags & marker)
     return has_marker_child or bool(
         flags & (F_TRUSTED_OPAQUE_Y | F_USER_OPAQUE_Y | F_FUSE_OPAQUE_Y)
     )
@@ -154,8 +176,9 @@ WRITE_HIDDEN_PREFIXES: tuple[bytes, ...] = (LAYERFS_PREFIX,)
 
 
 def opaque_xattrs(fmt: WhiteoutFormat) -> tuple[tuple[bytes, bytes], ...]:
-    """The xattrs that mark a directory opaque when a read-write view writes it."""
-    return ((TRUSTED_OPAQUE, b"y"),)
+    """The xattrs that mark a directory opaque when a read-write view or an import writes it
+    (``user.overlay.opaque`` when rootless: an unprivileged process cannot set ``trusted.*``)."""
+    return ((USER_OPAQUE, b"y"),) if userxattr() else ((TRUSTED_OPAQUE, b"y"),)
 
 
 def opaque_marker_file(fmt: WhiteoutFormat) -> bytes | None:
