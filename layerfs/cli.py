@@ -668,6 +668,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", help="graph root (default $LAYERFS_ROOT or /var/lib/layerfs)")
     parser.add_argument("--runroot", help="run root (default $LAYERFS_RUNROOT or /run/layerfs)")
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    parser.add_argument(
+        "--storage-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a driver option, as containers/storage takes them: overlay.ignore_chown_errors="
+        "true, overlay.force_mask=private|shared|MODE (repeatable)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(
@@ -808,6 +816,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _storage_opts(items: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings as a dict; a malformed one is a one-line error."""
+    opts: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LayerfsError(f"--storage-opt {item!r}: expected KEY=VALUE")
+        opts[key.strip()] = value.strip()
+    return opts
+
+
 def _err(message: str) -> None:
     sys.stderr.write(f"layerfs: {message}\n")
 
@@ -823,6 +842,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = _COMMANDS["unmount" if args.command == "umount" else args.command]
     try:
         store = Store(args.root, args.runroot, read_only=False)
+        store.storage_opts = _storage_opts(args.storage_opt)
         return handler(store, args)
     except LayerfsError as exc:
         if args.debug:
