@@ -218,7 +218,7 @@ def _user_name(uid: int) -> str:
 def pause_pid_path() -> str:
     """Podman's ``pause.pid``: ``$XDG_RUNTIME_DIR/libpod/tmp/pause.pid`` (podman's fallback
     without XDG_RUNTIME_DIR: ``/tmp/podman-run-UID/libpod/tmp``)."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/podman-run-{os.getuid()}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/podman-run-{host_uid()}"
     return os.path.join(runtime, "libpod", "tmp", "pause.pid")
 
 
@@ -402,3 +402,21 @@ def can_enter() -> bool:
     uid = os.getuid()
     user = _user_name(uid)
     return bool(subid_ranges("uid", user, uid)) and bool(subid_ranges("gid", user, uid))
+
+
+def pause_pid() -> int | None:
+    """The live pause process that holds this user's rootless namespace (podman's or one
+    layerfs started), seen from inside or outside it; None when there is none."""
+    try:
+        with open(pause_pid_path(), encoding="ascii") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.isdigit():
+        return None
+    try:
+        if os.stat(f"/proc/{text}").st_uid != os.getuid():
+            return None
+    except OSError:
+        return None
+    return int(text)
