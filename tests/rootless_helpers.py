@@ -66,6 +66,8 @@ class RootlessUser:
             "XDG_RUNTIME_DIR": str(self.runtime_dir),
             "LANG": "C.UTF-8",
         }
+        if os.environ.get("PYTHONPATH"):  # a worktree's code under test, not main's
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         if extra:
             env.update(extra)
         return env
@@ -79,8 +81,13 @@ class RootlessUser:
         input: bytes | None = None,
         timeout: float = 120,
         check: bool = False,
+        setup: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` as the user (text output); ``env`` adds to :meth:`env`."""
+        """Run ``argv`` as the user (text output); ``env`` adds to :meth:`env`.
+
+        ``setup``: shell commands run as root first, in a private mount namespace of this
+        command alone (e.g. a bind mount over ``/dev/fuse`` or ``/etc/fuse.conf``), so the
+        host and other test runs never see them."""
         cmd = [
             "setpriv",
             f"--reuid={self.uid}",
@@ -92,6 +99,9 @@ class RootlessUser:
             *(f"{k}={v}" for k, v in self.env(env).items()),
             *argv,
         ]
+        if setup is not None:
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+                   f'{setup}\nexec "$@"', "sh", *cmd]  # fmt: skip
         proc = subprocess.run(
             cmd,
             cwd=cwd or self.home,
@@ -109,6 +119,71 @@ class RootlessUser:
     def layerfs(self, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
         """``layerfs ARGS`` from this checkout's venv, as the user."""
         return self.run([str(VENV_BIN / "layerfs"), *args], **kwargs)  # type: ignore[arg-type]
+
+
+def user_pids(uid: int) -> list[int]:
+    """Pids of every process running as *uid* (real uid, from /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                for line in f:
+                    if line.startswith("Uid:"):
+                        if int(line.split()[1]) == uid:
+                            pids.append(int(entry))
+                        break
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def reset_user(user: RootlessUser) -> None:
+    """Back to a fresh login: every process of the test user (daemons, the rootless
+    namespace's pause process: all started by the tests) killed by pid and waited for, and
+    the stores and runtime state under its home and runtime dir removed (their mounts live
+    only in namespaces that died with those processes)."""
+    for _attempt in range(100):
+        pids = user_pids(user.uid)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+        _wait_gone(pids)
+    for sub in (".local", ".config", ".cache"):
+        shutil.rmtree(user.home / sub, ignore_errors=True)
+    for child in user.runtime_dir.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink()
+    shutil.rmtree(f"/tmp/layerfs-run-{user.uid}", ignore_errors=True)
+    shutil.rmtree(f"/tmp/podman-run-{user.uid}", ignore_errors=True)
+
+
+def _wait_gone(pids: list[int]) -> None:
+    """Wait (bounded) until every pid is gone or a zombie of someone else."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not any(_pid_alive(p) and not _is_zombie(p) for p in pids):
+            return
+        time.sleep(0.01)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return True
+    return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] in (b"Z", b"X")
 
 
 def _drop_user(name: str) -> None:
