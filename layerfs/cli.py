@@ -905,6 +905,9 @@ def _storage_opts(items: Sequence[str]) -> dict[str, str]:
         if not sep or not key:
             raise LayerfsError(f"--storage-opt {item!r}: expected KEY=VALUE")
         opts[key.strip()] = value.strip()
+    from layerfs.archive.apply import ApplyOptions
+
+    ApplyOptions.from_storage_opts(opts)  # a bad value is refused before anything starts
     return opts
 
 
