@@ -252,3 +252,37 @@ echo K; ls -A ~/m ~/m/d; umount ~/m
     assert [line.split()[-1] for line in ls] == ["d", "new"]
     kernel = out.split("K\n", 1)[1].split()
     assert kernel == [f"{user.home}/m:", "d", f"{user.home}/m/d:", "new"]
+
+
+def test_import_image_and_view_match_kernel_overlay(user: RootlessUser) -> None:
+    """Row 3: ``import-image oci:…`` as the plain user (setuid bits, hard links, deletions,
+    a replaced directory); the mounted view in the namespace equals kernel overlay there."""
+    from image_helpers import build_oci_image, sample_steps
+
+    work = user.home / "imgwork"
+    work.mkdir()
+    layout = build_oci_image(work, sample_steps())
+    for dirpath, dirnames, filenames in os.walk(work):
+        for name in [*dirnames, *filenames, "."]:
+            os.lchown(os.path.join(dirpath, name), user.uid, user.gid)
+    res = json.loads(
+        _ok(user, "layerfs", "import-image", "--json", "--name", "img", f"oci:{layout}:t")
+    )
+    top = res["layers"][-1]
+    assert _ok(user, "layerfs", "cat", "img", "/etc/hostname") == "second\n"
+    listing = "find . -mindepth 1 -printf '%P %M %U %G %s %l\\n' | sort"
+    script = f"""set -e
+G=$HOME/.local/share/layerfs
+v=$(layerfs mount img)
+(cd $v && {listing}) > ~/view.txt
+mkdir -p ~/k; cd $G/overlay
+mount -t overlay -o lowerdir={top}/diff:$(cat {top}/lower),userxattr none ~/k
+(cd ~/k && {listing}) > ~/kernel.txt
+umount ~/k; layerfs unmount img >/dev/null
+cmp ~/view.txt ~/kernel.txt && echo SAME
+"""
+    out = _ok(user, "layerfs", "unshare", "sh", "-c", script)
+    view = (user.home / "view.txt").read_text()
+    assert out.strip() == "SAME", view + (user.home / "kernel.txt").read_text()
+    assert "bin/tool -rwsr-xr-x 0 0" in view
+    assert "data/sub/new " in view and "data/sub/old" not in view and "etc/gone" not in view
