@@ -59,18 +59,32 @@ TRUSTED_REDIRECT = b"trusted.overlay.redirect"
 USER_OPAQUE = b"user.overlay.opaque"
 FUSE_OPAQUE = b"user.fuseoverlayfs.opaque"
 
-LAYERFS_PREFIX = b"trusted.layerfs."
-"""A read-write view's own bookkeeping on upper entries (:data:`ORIGIN_XATTR`). Hidden by every
-layerfs view, read-only ones included (where kernel overlayfs, which knows nothing of it, would
-list it to CAP_SYS_ADMIN callers), and never exported."""
+ROOT_LAYERFS_PREFIX = b"trusted.layerfs."
+ROOTLESS_LAYERFS_PREFIX = b"user.layerfs."
+
+
+def _rootless_now() -> bool:
+    from layerfs import userns
+
+    return userns.is_rootless()
+
+
+LAYERFS_PREFIX = ROOTLESS_LAYERFS_PREFIX if _rootless_now() else ROOT_LAYERFS_PREFIX
+"""A read-write view's own bookkeeping on upper entries (:data:`ORIGIN_XATTR`): under
+``trusted.layerfs.`` as root, ``user.layerfs.`` when rootless (a user namespace cannot set
+``trusted.*``; being rootless never changes within a process, see :func:`userxattr`). Both
+forms are hidden by every layerfs view, read-only ones included (where kernel overlayfs,
+which knows nothing of them, would list them), and never exported."""
+
+_BOOKKEEPING = (ROOT_LAYERFS_PREFIX, ROOTLESS_LAYERFS_PREFIX)
 
 HIDDEN_PREFIXES: dict[WhiteoutFormat, tuple[bytes, ...]] = {
-    "kernel": (TRUSTED_PREFIX, LAYERFS_PREFIX),
-    "aufs": (TRUSTED_PREFIX, b"user.overlay.", b"user.fuseoverlayfs.", LAYERFS_PREFIX),
+    "kernel": (TRUSTED_PREFIX, *_BOOKKEEPING),
+    "aufs": (TRUSTED_PREFIX, b"user.overlay.", b"user.fuseoverlayfs.", *_BOOKKEEPING),
 }
 """Xattr name prefixes the format's own mount never lists (and layerfs's bookkeeping)."""
 
-COMMON_HIDDEN_PREFIXES: tuple[bytes, ...] = (TRUSTED_PREFIX, LAYERFS_PREFIX)
+COMMON_HIDDEN_PREFIXES: tuple[bytes, ...] = (TRUSTED_PREFIX, *_BOOKKEEPING)
 """Prefixes hidden in every format."""
 
 # Raw facts about one entry of a layer, recorded by the per-layer index (format-independent).
@@ -166,12 +180,12 @@ WHITEOUT_MODE = stat.S_IFCHR | 0o000
 OPAQUE_MARKER_MODE = 0o700
 """Mode of the ``.wh..wh..opq`` file fuse-overlayfs puts in an opaque directory."""
 
-ORIGIN_XATTR = b"trusted.layerfs.origin"
+ORIGIN_XATTR = LAYERFS_PREFIX + b"origin"
 """Written by a read-write view on an upper entry that stands for a lower one (copy-up) or
 keeps an inode number across a rename: the view's inode number, decimal ASCII. Internal:
 never listed, never exported; kernel overlayfs and c/storage ignore ``trusted.layerfs.*``."""
 
-WRITE_HIDDEN_PREFIXES: tuple[bytes, ...] = (LAYERFS_PREFIX,)
+WRITE_HIDDEN_PREFIXES: tuple[bytes, ...] = _BOOKKEEPING
 """Xattr prefixes of a read-write view's own bookkeeping: hidden in every format."""
 
 
@@ -179,6 +193,14 @@ def opaque_xattrs(fmt: WhiteoutFormat) -> tuple[tuple[bytes, bytes], ...]:
     """The xattrs that mark a directory opaque when a read-write view or an import writes it
     (``user.overlay.opaque`` when rootless: an unprivileged process cannot set ``trusted.*``)."""
     return ((USER_OPAQUE, b"y"),) if userxattr() else ((TRUSTED_OPAQUE, b"y"),)
+
+
+def opaque_read_xattrs(fmt: WhiteoutFormat) -> tuple[bytes, ...]:
+    """The xattrs whose value ``y`` makes an upper directory opaque in *fmt* (what a
+    read-write view reads back of what it, or the format's own mount, wrote)."""
+    if fmt == "aufs":
+        return (TRUSTED_OPAQUE, USER_OPAQUE, FUSE_OPAQUE)
+    return (USER_OPAQUE,) if userxattr() else (TRUSTED_OPAQUE,)
 
 
 def opaque_marker_file(fmt: WhiteoutFormat) -> bytes | None:

@@ -142,3 +142,34 @@ def test_podman_sees_the_view_layerfs_mounted(user: RootlessUser) -> None:
     assert _ok(user, "podman", "unshare", "cat", f"{path}/hello") == "from layerfs\n"
     assert not os.path.exists(f"{path}/hello")  # the host (this test, as root) does not
     _ok(user, "layerfs", "unmount", layer)
+
+
+def test_read_write_view_in_the_namespace_matches_kernel_overlay(user: RootlessUser) -> None:
+    """A writable layer mounted read-write in the namespace writes the rootless forms
+    (char 0:0 whiteouts, ``user.overlay.opaque``, nothing under ``trusted.``): after unmount,
+    kernel overlay with ``userxattr`` on the same dirs shows what the view showed."""
+    base = [E("d/", "dir"), E("d/old", data=b"old"), E("keep", data=b"k"), E("gone", data=b"g")]
+    tar = _tar_file(user, "base.tar", [*base, E("o/", "dir", uid=7, gid=7), E("o/f", uid=7)])
+    b = _ok(user, "layerfs", "import-layer", tar).split()[0]
+    w = _ok(user, "layerfs", "create-layer", "--writeable", b).split()[0]
+    listing = "find . -mindepth 1 -printf '%P %M %U %G %s\\n' | sort"
+    script = f"""set -e
+v=$(layerfs mount {w})
+rm -rf $v/d && mkdir $v/d && echo new > $v/d/new
+echo more >> $v/keep; rm $v/gone; echo mine > $v/o/g; chown 7:7 $v/o/g
+(cd $v && {listing}) > ~/view.txt
+layerfs unmount {w} >/dev/null
+G=$HOME/.local/share/layerfs/overlay
+getfattr -h --absolute-names -d -m - $G/{w}/diff/d | grep '^[a-z]' || true
+stat -c '%F %t:%T' $G/{w}/diff/gone
+mkdir -p ~/k; mount -t overlay -o lowerdir=$G/{w}/diff:$G/{b}/diff,userxattr none ~/k
+(cd ~/k && {listing}) > ~/kernel.txt; umount ~/k
+cmp ~/view.txt ~/kernel.txt && echo SAME
+"""
+    out = _ok(user, "layerfs", "unshare", "sh", "-c", script)
+    view = (user.home / "view.txt").read_text()
+    assert out.splitlines() == ['user.overlay.opaque="y"', "character special file 0:0", "SAME"], (
+        out + view + (user.home / "kernel.txt").read_text()
+    )
+    assert "d/new " in view and "d/old" not in view and "gone" not in view
+    assert "o/g -rw-r--r-- 7 7 5" in view

@@ -165,7 +165,9 @@ def _export_xattrs(path: bytes) -> dict[str, str]:
     except OSError:
         return out
     for key in sorted(keys):
-        if key.startswith(("trusted.overlay.", "user.overlay.", "trusted.layerfs.")):
+        if key.startswith(
+            ("trusted.overlay.", "user.overlay.", "trusted.layerfs.", "user.layerfs.")
+        ):
             continue  # (trusted.layerfs.*: a read-write view's bookkeeping, e.g. origin inodes)
         if not (key == "security.capability" or key.startswith(("user.", "trusted."))):
             continue
