@@ -439,6 +439,8 @@ def _mount(store: Store, args: argparse.Namespace) -> int:
         _print_json({"id": layer_id, "mountpoint": path, "count": count})
     else:
         _out(path)
+    if getattr(args, "entered_userns", False):
+        _err("the view is in the rootless user namespace: see it through layerfs unshare")
     return 0
 
 
@@ -871,6 +873,7 @@ def _enter_namespace_for(args: argparse.Namespace) -> None:
         userns.enter()
     except (userns.UsernsError, OSError) as exc:
         raise LayerfsError(f"cannot enter the rootless user namespace: {exc}") from None
+    args.entered_userns = True
 
 
 def _unshare(args: argparse.Namespace) -> int:

@@ -155,6 +155,7 @@ def reset_user(user: RootlessUser) -> None:
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(pid, os.WNOHANG)
         _wait_gone(pids)
+    _detach_below(str(user.home), str(user.runtime_dir), f"/tmp/layerfs-run-{user.uid}")
     for sub in (".local", ".config", ".cache"):
         shutil.rmtree(user.home / sub, ignore_errors=True)
     for child in user.runtime_dir.iterdir():
@@ -164,6 +165,16 @@ def reset_user(user: RootlessUser) -> None:
             child.unlink()
     shutil.rmtree(f"/tmp/layerfs-run-{user.uid}", ignore_errors=True)
     shutil.rmtree(f"/tmp/podman-run-{user.uid}", ignore_errors=True)
+
+
+def _detach_below(*tops: str) -> None:
+    """Lazily unmount whatever this (the host's) mount namespace has below *tops*: views a
+    failed test left, whose daemons were just killed (a dead FUSE mount blocks removal)."""
+    from layerfs.mountinfo import entries
+
+    points = [e.point for e in entries() if any(e.point.startswith(t + "/") for t in tops)]
+    for point in reversed(points):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 def _wait_gone(pids: list[int]) -> None:
@@ -294,6 +305,12 @@ def rootless_user() -> Iterator[RootlessUser]:
             yield user
     finally:
         uid = pwd.getpwnam(USER_NAME).pw_uid if _user_exists(USER_NAME) else None
+        if uid is not None:  # its daemons die with it: their dead mounts must not stay
+            for pid in user_pids(uid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+            _wait_gone(user_pids(uid))
+            _detach_below(pwd.getpwnam(USER_NAME).pw_dir, f"/run/user/{uid}")
         _drop_user(USER_NAME)
         if uid is not None:
             shutil.rmtree(f"/run/user/{uid}", ignore_errors=True)

@@ -183,5 +183,11 @@ def test_plain_user_mount_outside_works(user: RootlessUser) -> None:
     assert _ok(user, "cat", f"{path}/f") == "x"
     ps = json.loads(_ok(user, "layerfs", "ps", "--json", env=HOST))
     assert [(v["state"], v["count"]) for v in ps] == [("live", 1)]
+    # seen from inside the rootless namespace: live elsewhere, and left alone
+    inside = json.loads(_ok(user, "layerfs", "unshare", "layerfs", "ps", "--json"))
+    assert [(v["state"], v["count"]) for v in inside] == [("elsewhere", 1)]
+    refused = user.run(["layerfs", "unshare", "layerfs", "unmount", layer])
+    assert refused.returncode == 1
+    assert "run it outside the user namespace (LAYERFS_USERNS=host" in refused.stderr
     _ok(user, "layerfs", "unmount", layer, env=HOST)
     _nothing_mounted(user, HOST)

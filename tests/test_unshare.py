@@ -100,7 +100,12 @@ def test_view_in_the_namespace_is_live_elsewhere_not_stale(user: RootlessUser) -
     """Issue row 9: mounted in the namespace, ``ps`` outside must not reset the count."""
     tar = _tar_file(user, "l.tar", [E("d/", "dir"), E("d/f", data=b"hello\n", uid=5, gid=5)])
     layer = _ok(user, "layerfs", "import-layer", tar).split()[0]
-    path = _ok(user, "layerfs", "mount", layer).strip()
+    proc = user.run(["layerfs", "mount", layer])
+    assert proc.returncode == 0, proc.stderr
+    path = proc.stdout.strip()
+    assert proc.stderr == (
+        "layerfs: the view is in the rootless user namespace: see it through layerfs unshare\n"
+    )
     store = user.home / ".local/share/layerfs"
     assert path == str(store / "overlay" / layer / "merged")
     # outside: not in our mountinfo, but live in the namespace
@@ -123,7 +128,8 @@ def test_view_in_the_namespace_is_live_elsewhere_not_stale(user: RootlessUser) -
     # explicitly outside (LAYERFS_USERNS=host): refused with one line, count kept
     out = user.run(["layerfs", "unmount", layer], env={"LAYERFS_USERNS": "host"})
     assert out.returncode == 1
-    assert "in another mount namespace" in out.stderr and "layerfs unshare" in out.stderr
+    assert "in another mount namespace" in out.stderr
+    assert "run it in that namespace (layerfs unshare layerfs ...)" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert _ok(user, "layerfs", "unmount", layer).strip() == f"{layer} still mounted (1)"
     assert _ok(user, "layerfs", "unmount", layer).strip() == f"{layer} mountpoint unmounted"

@@ -288,7 +288,13 @@ class MountManager:
         daemon record (Go's), the rootless namespace's pause process has it mounted."""
         here = userns.namespace_id("mnt")
         if daemon is not None and daemon.mnt_ns and daemon.mnt_ns != here:
-            return bool(daemon.pid) and userns.namespace_id("mnt", daemon.pid) == daemon.mnt_ns
+            if not daemon.pid or not pending.pid_alive(daemon.pid):
+                return False
+            theirs = userns.namespace_id("mnt", daemon.pid)
+            if theirs is None:  # from inside a user namespace, a process outside it: its
+                # namespace links are closed to us, its command line is not
+                return pending.is_layerfs_daemon(daemon.pid, path)
+            return theirs == daemon.mnt_ns
         if daemon is not None:
             return False
         pause = userns.pause_pid()
@@ -301,6 +307,16 @@ class MountManager:
         """live, stale (not mounted), dead, hung or elsewhere (live in another mount
         namespace, see :meth:`_elsewhere`; never stale for that); reads mountinfo and
         /proc, and probes a FUSE mount only with a deadline. Never call under a store lock."""
+        here = userns.namespace_id("mnt")
+        # ours, started in another namespace: a copy of the mount may show here (a namespace
+        # made after it), but unmounting that copy would not end the view
+        if (
+            daemon is not None
+            and daemon.mnt_ns
+            and daemon.mnt_ns != here
+            and cls._elsewhere(path, daemon)
+        ):
+            return "elsewhere"
         entry = entry_at(path)
         if entry is None:
             return "elsewhere" if cls._elsewhere(path, daemon) else "stale"
@@ -376,11 +392,13 @@ class MountManager:
             if state == "elsewhere" and where is not None:
                 daemon = view.daemon
                 ns = f" ({daemon.mnt_ns}, daemon {daemon.pid})" if daemon and daemon.mnt_ns else ""
-                inside = userns.in_user_namespace()
-                hint = "outside it (from the host)" if inside else "inside it (layerfs unshare)"
+                if userns.in_user_namespace():
+                    hint = "outside the user namespace (LAYERFS_USERNS=host layerfs ...)"
+                else:
+                    hint = "in that namespace (layerfs unshare layerfs ...)"
                 raise MountError(
                     f'layer "{layer_id}" is mounted at {where.path} in another mount '
-                    f"namespace{ns}; mount or unmount it from there: run layerfs {hint}"
+                    f"namespace{ns}; mount or unmount it from there: run it {hint}"
                 )
 
     @staticmethod
