@@ -175,12 +175,13 @@ class UsernsError(Exception):
     """The namespace cannot be entered; the message says why and what fixes it."""
 
 
-def subid_ranges(kind: str, user: str, uid: int) -> list[tuple[int, int]]:
-    """The ``(start, count)`` ranges ``/etc/sub{kind}`` gives *user* (by name or uid), in
-    file order; empty when the file or the user's lines are missing."""
+def subid_ranges(kind: str, user: str, uid: int, path: str | None = None) -> list[tuple[int, int]]:
+    """The ``(start, count)`` ranges ``/etc/sub{kind}`` (or *path*) gives *user* (by name or
+    uid), in file order; empty when the file or the user's lines are missing. Malformed
+    lines are skipped."""
     ranges = []
     try:
-        with open(f"/etc/sub{kind}", encoding="utf-8") as f:
+        with open(path or f"/etc/sub{kind}", encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError:
         return []
@@ -245,12 +246,23 @@ def _live_pause_pid(path: str) -> int | None:
         st = os.stat(f"/proc/{pid}")
     except OSError:
         return None
-    if st.st_uid != os.getuid():
+    if st.st_uid != os.getuid() or not _running(pid):
         return None
     theirs = namespace_id("user", pid)
     if theirs is None or theirs == namespace_id("user"):
         return None
     return pid
+
+
+def _running(pid: int) -> bool:
+    """False for a process that is gone or a zombie (killed, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    end = data.rindex(b")")
+    return data[end + 2 : end + 3] not in (b"Z", b"X")
 
 
 def join(pid: int) -> None:
@@ -360,12 +372,30 @@ def enter() -> int:
     markers (``_CONTAINERS_USERNS_CONFIGURED``, ``_CONTAINERS_ROOTLESS_UID``/``GID``) so that
     podman, containers-storage and layerfs started from here know where they are. The caller
     must be single-threaded (the kernel refuses ``setns`` to a threaded process)."""
-    import fcntl
 
     if in_user_namespace():
         raise UsernsError("already in a user namespace")
     uid, gid = os.getuid(), os.getgid()
     path = pause_pid_path()
+    for _attempt in range(3):
+        pid = _find_or_make_pause(path, uid, gid)
+        try:
+            join(pid)
+            break
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it died between the look and the join: look again
+    else:
+        raise UsernsError(f"the pause process in {path} keeps disappearing")
+    os.environ[USERNS_CONFIGURED_ENV] = "done"
+    os.environ[ROOTLESS_UID_ENV] = str(uid)
+    os.environ[ROOTLESS_GID_ENV] = str(gid)
+    return pid
+
+
+def _find_or_make_pause(path: str, uid: int, gid: int) -> int:
+    """The live pause process named in *path*, else a new one recorded there."""
+    import fcntl
+
     pid = _live_pause_pid(path)
     if pid is None:
         user = _user_name(uid)
@@ -387,10 +417,6 @@ def enter() -> int:
                 with open(tmp, "w", encoding="ascii") as f:
                     f.write(str(pid))
                 os.replace(tmp, path)
-    join(pid)
-    os.environ[USERNS_CONFIGURED_ENV] = "done"
-    os.environ[ROOTLESS_UID_ENV] = str(uid)
-    os.environ[ROOTLESS_GID_ENV] = str(gid)
     return pid
 
 

@@ -179,3 +179,34 @@ cmp ~/view.txt ~/kernel.txt && echo SAME
     )
     assert "d/new " in view and "d/old" not in view and "gone" not in view
     assert "o/g -rw-r--r-- 7 7 5" in view
+
+
+def test_concurrent_first_commands_make_one_namespace(user: RootlessUser) -> None:
+    """Four layerfs commands started at once, none finding a pause process: one namespace."""
+    script = (
+        "for i in 1 2 3 4; do layerfs unshare readlink /proc/self/ns/user > ~/ns.$i & done; "
+        "wait; cat ~/ns.1 ~/ns.2 ~/ns.3 ~/ns.4"
+    )
+    out = _ok(user, "sh", "-c", script).split()
+    assert len(out) == 4 and len(set(out)) == 1, out
+
+
+def test_dead_pause_process_is_replaced(user: RootlessUser) -> None:
+    """A pause.pid naming a dead process (or one that is not ours) is not joined."""
+    first = _ok(user, "layerfs", "unshare", "readlink", "/proc/self/ns/user").strip()
+    pid = _pause_pid(user)
+    os.kill(pid, 9)  # the pause process this test had layerfs start (init reaps it)
+    second = _ok(user, "layerfs", "unshare", "readlink", "/proc/self/ns/user").strip()
+    assert second != first
+    assert _pause_pid(user) != pid
+    (user.runtime_dir / "libpod/tmp/pause.pid").write_text("1")  # init: not the user's
+    third = _ok(user, "layerfs", "unshare", "readlink", "/proc/self/ns/user").strip()
+    assert third not in (first, second, userns.namespace_id("user", 1))
+
+
+def test_unshare_as_root_is_refused() -> None:
+    from layerfs.cli import main
+
+    if os.geteuid() != 0 or userns.in_user_namespace():
+        pytest.skip("needs real root")
+    assert main(["unshare", "true"]) == 1
