@@ -191,3 +191,37 @@ def test_plain_user_mount_outside_works(user: RootlessUser) -> None:
     assert "run it outside the user namespace (LAYERFS_USERNS=host" in refused.stderr
     _ok(user, "layerfs", "unmount", layer, env=HOST)
     _nothing_mounted(user, HOST)
+
+
+def test_podmans_store_from_the_host(user: RootlessUser) -> None:
+    """Row 5 (the store side): layerfs on rootless podman's own store, run from the host:
+    it enters podman's namespace, so a 0700 directory owned by a container user is read
+    as podman reads it, and a view it mounts is counted where podman's Go code counts."""
+    require_tool("podman")
+    rootfs = user.home / "rootfs.tar"
+    rootfs.write_bytes(
+        build_tar(
+            [
+                E("etc/", "dir"),
+                E("etc/hostname", data=b"pod\n"),
+                E("secret/", "dir", mode=0o700, uid=5, gid=5),
+                E("secret/key", data=b"k", mode=0o600, uid=5, gid=5),
+            ]
+        )
+    )
+    os.chown(rootfs, user.uid, user.gid)
+    _ok(user, "podman", "import", str(rootfs), "localhost/t:1")
+    info = json.loads(_ok(user, "podman", "info", "--format", "json"))
+    graph, run = info["store"]["graphRoot"], info["store"]["runRoot"]
+    store = ["--root", graph, "--runroot", run]
+    listing = _ok(user, "layerfs", *store, "ls", "localhost/t:1", "/secret").split()
+    assert listing[-1] == "key" and listing[1:3] == ["5", "5"]
+    assert _ok(user, "layerfs", *store, "cat", "localhost/t:1", "/secret/key") == "k"
+    layer = json.loads(_ok(user, "layerfs", *store, "layers", "--json"))[-1]["id"]
+    path = _ok(user, "layerfs", *store, "mount", layer).strip()
+    counts = _ok(user, "podman", "unshare", "cat", f"{run}/overlay-layers/mountpoints.json")
+    assert json.loads(counts) == [{"id": layer, "path": path, "count": 1}]
+    assert _ok(user, "podman", "unshare", "cat", f"{path}/etc/hostname") == "pod\n"
+    _ok(user, "layerfs", *store, "unmount", layer)
+    counts = _ok(user, "podman", "unshare", "cat", f"{run}/overlay-layers/mountpoints.json")
+    assert json.loads(counts) == []
