@@ -851,12 +851,13 @@ def _enter_namespace_for(args: argparse.Namespace) -> None:
     A plain user with ranges in /etc/subuid and /etc/subgid keeps a store whose files belong
     to container ids (subordinate ids on disk); only inside the namespace can layerfs give
     files those owners, read 0700 directories of other container users, and see the views
-    mounted there. So a store command that touches layer files enters the namespace unless
-    the store was made outside one (``overlay/.has-mount-program`` says ``true``: made by a
-    plain user without subordinate ids, in the mount-program format), or
-    ``LAYERFS_USERNS=host`` is set. Listing commands (``layers``, ``ps``, ...) run where
-    they are started."""
-    if args.command not in _NAMESPACE_COMMANDS or os.environ.get("LAYERFS_USERNS") == "host":
+    mounted there. So such a user's store is made in the namespace (whatever the first
+    command is), and afterwards every command that touches layer files enters it, unless the
+    store was made outside one (``overlay/.has-mount-program`` says ``true``: made by a plain
+    user without subordinate ids, in the mount-program format) or ``LAYERFS_USERNS=host`` is
+    set. Listing commands on an existing store (``layers``, ``ps``, ...) run where they are
+    started."""
+    if os.environ.get("LAYERFS_USERNS") == "host":
         return
     from layerfs import userns
 
@@ -865,10 +866,11 @@ def _enter_namespace_for(args: argparse.Namespace) -> None:
     root = os.path.abspath(args.root or default_root())
     try:
         with open(os.path.join(root, "overlay", ".has-mount-program"), "rb") as f:
-            if f.read(64).strip() == b"true":
-                return
+            marker: bytes | None = f.read(64).strip()
     except OSError:
-        pass  # no store yet (it is made inside), or podman's / a namespace store
+        marker = None  # no store yet: it is made inside
+    if marker == b"true" or (marker is not None and args.command not in _NAMESPACE_COMMANDS):
+        return
     try:
         userns.enter()
     except (userns.UsernsError, OSError) as exc:

@@ -286,3 +286,13 @@ cmp ~/view.txt ~/kernel.txt && echo SAME
     assert out.strip() == "SAME", view + (user.home / "kernel.txt").read_text()
     assert "bin/tool -rwsr-xr-x 0 0" in view
     assert "data/sub/new " in view and "data/sub/old" not in view and "etc/gone" not in view
+
+
+def test_store_made_by_a_listing_command_is_still_a_namespace_store(user: RootlessUser) -> None:
+    """The first command on a fresh store may be ``layers``: the store is made in the
+    namespace all the same, so a later import of root-owned entries works."""
+    assert _layers(user) == []
+    assert (_store(user) / "overlay/.has-mount-program").read_text() == "false"
+    tar = _put(user, "owned.tar", build_tar([E("a", data=b"a", uid=3, gid=3)]))
+    layer = _ok(user, "layerfs", "import-layer", tar).split()[0]
+    assert (_store(user) / "overlay" / layer / "diff/a").stat().st_uid == user.sub_start + 2
