@@ -79,6 +79,11 @@ def test_one_namespace_shared_with_podman(user: RootlessUser, first: str) -> Non
     assert again == a
     host = userns.namespace_id("user", 1)
     assert host not in a.split()
+    # podman started inside layerfs's namespace (podman's markers are set) stays in it
+    nested = _ok(user, "layerfs", "unshare", "podman", "unshare", "sh", "-c", probe)
+    assert nested == a
+    images = user.run(["layerfs", "unshare", "podman", "images", "--format", "json"])
+    assert images.returncode == 0, images.stderr
 
 
 def test_no_subordinate_ids_is_one_line(user: RootlessUser) -> None:
