@@ -225,3 +225,31 @@ def test_podmans_store_from_the_host(user: RootlessUser) -> None:
     _ok(user, "layerfs", *store, "unmount", layer)
     counts = _ok(user, "podman", "unshare", "cat", f"{run}/overlay-layers/mountpoints.json")
     assert json.loads(counts) == []
+
+
+def test_podmans_own_mount_is_never_reset_from_the_host(user: RootlessUser) -> None:
+    """Go's kernel overlay mount in podman's namespace (a running container's, here
+    containers-storage's ``mount``): ``layerfs ps``/``mounted`` on the host see it live
+    elsewhere (through the pause process's mount table) and leave podman's count alone."""
+    require_tool("containers-storage")
+    rootfs = user.home / "rootfs.tar"
+    rootfs.write_bytes(build_tar([E("etc/", "dir"), E("etc/hostname", data=b"pod\n")]))
+    os.chown(rootfs, user.uid, user.gid)
+    _ok(user, "podman", "import", str(rootfs), "localhost/t:1")
+    info = json.loads(_ok(user, "podman", "info", "--format", "json"))
+    graph, run = info["store"]["graphRoot"], info["store"]["runRoot"]
+    store = ["--root", graph, "--runroot", run]
+    layer = json.loads(_ok(user, "layerfs", *store, "layers", "--json"))[-1]["id"]
+    cs = f"containers-storage -g {graph} -R {run} -s overlay"
+    path = _ok(user, "podman", "unshare", "sh", "-c", f"{cs} mount {layer}").strip()
+    ps = json.loads(_ok(user, "layerfs", *store, "ps", "--json"))
+    assert [(v["id"], v["state"], v["count"]) for v in ps] == [(layer, "elsewhere", 1)]
+    assert _ok(user, "layerfs", *store, "mounted", layer).strip() == "1"
+    counts = _ok(user, "podman", "unshare", "cat", f"{run}/overlay-layers/mountpoints.json")
+    assert json.loads(counts) == [{"id": layer, "path": path, "count": 1}]
+    # layerfs mount from the host joins the namespace and shares Go's mount
+    assert _ok(user, "layerfs", *store, "mount", layer).strip() == path
+    assert _ok(user, "layerfs", *store, "mounted", layer).strip() == "2"
+    _ok(user, "layerfs", *store, "unmount", layer)
+    _ok(user, "podman", "unshare", "sh", "-c", f"{cs} unmount {layer}")
+    assert json.loads(_ok(user, "layerfs", *store, "ps", "--json")) == []
