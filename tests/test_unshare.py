@@ -79,6 +79,9 @@ def test_one_namespace_shared_with_podman(user: RootlessUser, first: str) -> Non
     assert again == a
     host = userns.namespace_id("user", 1)
     assert host not in a.split()
+    # layerfs unshare inside podman unshare: already there, the command just runs
+    inner = _ok(user, "podman", "unshare", "layerfs", "unshare", "sh", "-c", probe)
+    assert inner == a
     # podman started inside layerfs's namespace (podman's markers are set) stays in it
     nested = _ok(user, "layerfs", "unshare", "podman", "unshare", "sh", "-c", probe)
     assert nested == a
