@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import itertools
 import os
+import stat
 from dataclasses import dataclass
 
 #: The id the kernel reports for an id that has no mapping (``/proc/sys/fs/overflowuid``).
@@ -232,6 +233,24 @@ def _libc_call(name: str, *args: int) -> None:
         raise OSError(err, f"{name}: {os.strerror(err)}")
 
 
+def _private_dirs(path: str) -> None:
+    """``makedirs(path, 0o700)``, refusing (before and after) a directory on the way that is
+    not ours or that others may write to (``/tmp/podman-run-UID`` made by someone else)."""
+    top = path
+    while os.path.dirname(top) not in ("/", "/tmp", os.environ.get("XDG_RUNTIME_DIR", "/")):
+        top = os.path.dirname(top)
+
+    def check() -> None:
+        st = os.lstat(top)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise UsernsError(f"{top} is not a private directory of yours; remove it")
+
+    if os.path.lexists(top):
+        check()
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    check()
+
+
 def _live_pause_pid(path: str) -> int | None:
     """The pid in *path* when it is a live process of ours in another user namespace."""
     try:
@@ -407,7 +426,7 @@ def _find_or_make_pause(path: str, uid: int, gid: int) -> int:
                 f"{user} has no range in {missing}; add one (e.g. usermod --add-subuids "
                 f"100000-165535 --add-subgids 100000-165535 {user})"
             )
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        _private_dirs(os.path.dirname(path))
         with open(path + ".layerfs.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # two layerfs at once make one namespace
             pid = _live_pause_pid(path)

@@ -218,3 +218,18 @@ def test_unshare_as_root_is_refused() -> None:
     if os.geteuid() != 0 or userns.in_user_namespace():
         pytest.skip("needs real root")
     assert main(["unshare", "true"]) == 1
+
+
+def test_foreign_fallback_pause_dir_is_refused(user: RootlessUser) -> None:
+    """Without XDG_RUNTIME_DIR the pause pid lives in /tmp/podman-run-UID (podman's
+    fallback): a directory someone else made there in advance is not used."""
+    foreign = Path(f"/tmp/podman-run-{user.uid}")
+    foreign.mkdir(mode=0o777)
+    os.chmod(foreign, 0o777)
+    proc = user.run(["layerfs", "unshare", "true"], env={"XDG_RUNTIME_DIR": ""})
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"layerfs: cannot enter the rootless user namespace: {foreign} is not a private "
+        "directory of yours; remove it\n"
+    )
+    assert os.listdir(foreign) == []  # nothing was put there
