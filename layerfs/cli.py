@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 from layerfs.errors import AmbiguousLayerError, LayerfsError, LayerUnknownError, describe_os_error
-from layerfs.store.layers import Store
+from layerfs.store.layers import Store, default_root
 from layerfs.store.record import Layer, go_json_dumps
 
 log = logging.getLogger("layerfs")
@@ -567,6 +567,8 @@ def _mount(store: Store, args: argparse.Namespace) -> int:
         _print_json({"id": layer_id, "mountpoint": path, "count": count})
     else:
         _out(path)
+    if getattr(args, "entered_userns", False):
+        _err("the view is in the rootless user namespace: see it through layerfs unshare")
     return 0
 
 
@@ -889,6 +891,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--version", action=_VersionAction, help="print the version and the pyfuse3/libfuse used"
     )
+    parser.add_argument(
+        "--storage-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a driver option, as containers/storage takes them: overlay.ignore_chown_errors="
+        "true, overlay.force_mask=private|shared|MODE (repeatable)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(
@@ -1053,7 +1063,108 @@ def build_parser() -> argparse.ArgumentParser:
     add("wipe", "delete every layer")
     add("status", "show store and driver facts")
     add("gc", "remove data that belongs to no layer record")
+
+    p = add("unshare", "run COMMAND (default $SHELL) in the rootless namespace", json_flag=False)
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="COMMAND", help="command and args")
     return parser
+
+
+#: Commands that create the store or touch layer files: as a plain user with subordinate ids
+#: they run in the rootless user namespace (:func:`_enter_namespace_for`).
+_NAMESPACE_COMMANDS = frozenset(
+    {
+        "create-layer",
+        "delete-layer",
+        "import-layer",
+        "applydiff",
+        "import-image",
+        "diff",
+        "changes",
+        "diffsize",
+        "mount",
+        "unmount",
+        "umount",
+        "which",
+        "ls",
+        "cat",
+        "export",
+        "extract",
+        "inspect",
+        "wipe",
+        "gc",
+    }
+)
+
+
+def _enter_namespace_for(args: argparse.Namespace) -> None:
+    """Enter the rootless user + mount namespace (podman's) when this command needs it.
+
+    A plain user with ranges in /etc/subuid and /etc/subgid keeps a store whose files belong
+    to container ids (subordinate ids on disk); only inside the namespace can layerfs give
+    files those owners, read 0700 directories of other container users, and see the views
+    mounted there. So such a user's store is made in the namespace (whatever the first
+    command is), and afterwards every command that touches layer files enters it, unless the
+    store was made outside one (``overlay/.has-mount-program`` says ``true``: made by a plain
+    user without subordinate ids, in the mount-program format) or ``LAYERFS_USERNS=host`` is
+    set. Listing commands on an existing store (``layers``, ``ps``, ...) run where they are
+    started."""
+    if os.environ.get("LAYERFS_USERNS") == "host":
+        return
+    from layerfs import userns
+
+    if not userns.can_enter():
+        return
+    root = os.path.abspath(args.root or default_root())
+    try:
+        with open(os.path.join(root, "overlay", ".has-mount-program"), "rb") as f:
+            marker: bytes | None = f.read(64).strip()
+    except OSError:
+        marker = None  # no store yet: it is made inside
+    if marker == b"true" or (marker is not None and args.command not in _NAMESPACE_COMMANDS):
+        return
+    try:
+        userns.enter()
+    except (userns.UsernsError, OSError) as exc:
+        raise LayerfsError(f"cannot enter the rootless user namespace: {exc}") from None
+    args.entered_userns = True
+
+
+def _unshare(args: argparse.Namespace) -> int:
+    """``layerfs unshare [COMMAND...]``: like ``podman unshare``."""
+    from layerfs import userns
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        cmd = [os.environ.get("SHELL") or "/bin/sh"]
+    if os.geteuid() == 0 and not userns.in_user_namespace():
+        raise LayerfsError("unshare is for a plain user; root needs no user namespace")
+    if not userns.in_user_namespace():
+        try:
+            userns.enter()
+        except (userns.UsernsError, OSError) as exc:
+            raise LayerfsError(f"cannot enter the rootless user namespace: {exc}") from None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvp(cmd[0], cmd)
+    except OSError as exc:
+        raise LayerfsError(f"{cmd[0]}: {exc.strerror}") from None
+
+
+def _storage_opts(items: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings as a dict; a malformed one is a one-line error."""
+    opts: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LayerfsError(f"--storage-opt {item!r}: expected KEY=VALUE")
+        opts[key.strip()] = value.strip()
+    from layerfs.archive.apply import ApplyOptions
+
+    ApplyOptions.from_storage_opts(opts)  # a bad value is refused before anything starts
+    return opts
 
 
 def _err(message: str) -> None:
@@ -1068,11 +1179,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="layerfs: %(levelname)s: %(message)s",
     )
+    try:
+        if args.command == "unshare":
+            return _unshare(args)
+        if args.command != "completion":  # completion prints a script; it never needs a store
+            _enter_namespace_for(args)
+    except LayerfsError as exc:
+        _err(str(exc))
+        return 1
     handler = _COMMANDS.get("unmount" if args.command == "umount" else args.command)
     try:
         if handler is None:
             return _completion(args)
         store = Store(args.root, args.runroot, read_only=False)
+        store.storage_opts = _storage_opts(args.storage_opt)
         if args.command in _IMAGE_AWARE:
             _images_to_top_layers(store, args)
         return handler(store, args)

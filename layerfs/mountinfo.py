@@ -37,9 +37,10 @@ class MountEntry:
     """The file system's own options (after the source), each unescaped."""
 
 
-def entries() -> list[MountEntry]:
-    """Every mount in this mount namespace, in table order (later entries are on top)."""
-    with open("/proc/self/mountinfo", "rb") as f:
+def entries(pid: int | str = "self") -> list[MountEntry]:
+    """Every mount in this mount namespace (or that of process *pid*: another namespace's
+    mounts, read through ``/proc/PID/mountinfo``), in table order (later entries on top)."""
+    with open(f"/proc/{pid}/mountinfo", "rb") as f:
         data = f.read()
     out = []
     for line in data.splitlines():
@@ -93,11 +94,18 @@ def normalize(path: str) -> str:
     return os.path.join(os.path.realpath(parent), name) if name else path
 
 
-def entry_at(path: str) -> MountEntry | None:
-    """The topmost mount whose mount point is ``path``, or None."""
+def entry_at(path: str, pid: int | str = "self") -> MountEntry | None:
+    """The topmost mount whose mount point is ``path`` (in the mount namespace of *pid*: a
+    process that is gone or not ours counts as no mounts there), or None."""
     target = normalize(path)
     found = None
-    for entry in entries():
+    try:
+        table = entries(pid)
+    except OSError:
+        if pid == "self":
+            raise
+        return None
+    for entry in table:
         if entry.point == target:
             found = entry
     return found

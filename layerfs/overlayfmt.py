@@ -20,6 +20,14 @@ mount is the oracle (measured on Linux 6.18):
   ``.wh..wh..opq`` is a file, ``user.overlay.opaque`` is an ordinary xattr (no ``userxattr``);
 * ``trusted.overlay.*`` xattrs are internal and never listed.
 
+Rootless (a plain user, or euid 0 in a user namespace: :func:`userxattr`), the kernel format
+is read and written as containers/storage and the kernel do it there: c/storage mounts with
+``userxattr``, so a directory is opaque when ``user.overlay.opaque`` is ``y`` (the trusted
+form means nothing, and an unprivileged process could not even read it), ``user.overlay.*``
+xattrs are internal too, and every marker layerfs writes uses ``user.overlay.*``, never
+``trusted.*``. Whiteouts stay character devices 0:0 (the kernel lets a user namespace make
+those; observed with containers-storage 1.43 inside ``podman unshare``).
+
 ``"aufs"`` (a store with a mount program): fuse-overlayfs 1.10 is the oracle (measured):
 
 * ``.wh.NAME`` (of any file type) hides ``NAME`` in lower layers *and* in its own layer; a
@@ -34,6 +42,7 @@ mount is the oracle (measured on Linux 6.18):
 
 from __future__ import annotations
 
+import functools
 import stat
 from typing import Literal
 
@@ -50,18 +59,32 @@ TRUSTED_REDIRECT = b"trusted.overlay.redirect"
 USER_OPAQUE = b"user.overlay.opaque"
 FUSE_OPAQUE = b"user.fuseoverlayfs.opaque"
 
-LAYERFS_PREFIX = b"trusted.layerfs."
-"""A read-write view's own bookkeeping on upper entries (:data:`ORIGIN_XATTR`). Hidden by every
-layerfs view, read-only ones included (where kernel overlayfs, which knows nothing of it, would
-list it to CAP_SYS_ADMIN callers), and never exported."""
+ROOT_LAYERFS_PREFIX = b"trusted.layerfs."
+ROOTLESS_LAYERFS_PREFIX = b"user.layerfs."
+
+
+def _rootless_now() -> bool:
+    from layerfs import userns
+
+    return userns.is_rootless()
+
+
+LAYERFS_PREFIX = ROOTLESS_LAYERFS_PREFIX if _rootless_now() else ROOT_LAYERFS_PREFIX
+"""A read-write view's own bookkeeping on upper entries (:data:`ORIGIN_XATTR`): under
+``trusted.layerfs.`` as root, ``user.layerfs.`` when rootless (a user namespace cannot set
+``trusted.*``; being rootless never changes within a process, see :func:`userxattr`). Both
+forms are hidden by every layerfs view, read-only ones included (where kernel overlayfs,
+which knows nothing of them, would list them), and never exported."""
+
+_BOOKKEEPING = (ROOT_LAYERFS_PREFIX, ROOTLESS_LAYERFS_PREFIX)
 
 HIDDEN_PREFIXES: dict[WhiteoutFormat, tuple[bytes, ...]] = {
-    "kernel": (TRUSTED_PREFIX, LAYERFS_PREFIX),
-    "aufs": (TRUSTED_PREFIX, b"user.overlay.", b"user.fuseoverlayfs.", LAYERFS_PREFIX),
+    "kernel": (TRUSTED_PREFIX, *_BOOKKEEPING),
+    "aufs": (TRUSTED_PREFIX, b"user.overlay.", b"user.fuseoverlayfs.", *_BOOKKEEPING),
 }
 """Xattr name prefixes the format's own mount never lists (and layerfs's bookkeeping)."""
 
-COMMON_HIDDEN_PREFIXES: tuple[bytes, ...] = (TRUSTED_PREFIX, LAYERFS_PREFIX)
+COMMON_HIDDEN_PREFIXES: tuple[bytes, ...] = (TRUSTED_PREFIX, *_BOOKKEEPING)
 """Prefixes hidden in every format."""
 
 # Raw facts about one entry of a layer, recorded by the per-layer index (format-independent).
@@ -91,8 +114,20 @@ def check_format(fmt: str) -> WhiteoutFormat:
     raise ValueError(f"unknown whiteout format {fmt!r} (kernel or aufs)")
 
 
+@functools.cache
+def userxattr() -> bool:
+    """True when this process is rootless, so that its kernel overlay (and containers/storage
+    in it) uses ``user.overlay.*`` instead of ``trusted.overlay.*`` (the ``userxattr`` mount
+    option). Fixed for the life of the process: entering a namespace re-executes layerfs."""
+    from layerfs import userns
+
+    return userns.is_rootless()
+
+
 def is_hidden_xattr(fmt: WhiteoutFormat, name: bytes) -> bool:
     """True if the format's mount never lists xattr *name*."""
+    if fmt == "kernel" and userxattr() and name.startswith(b"user.overlay."):
+        return True
     return name.startswith(HIDDEN_PREFIXES[fmt])
 
 
@@ -119,7 +154,8 @@ def whiteout_target(
 def is_opaque(fmt: WhiteoutFormat, flags: int, has_marker_child: bool, is_root: bool) -> bool:
     """True if a layer's directory hides the same directory in all lower layers."""
     if fmt == "kernel":
-        return not is_root and bool(flags & F_TRUSTED_OPAQUE_Y)
+        marker = F_USER_OPAQUE_Y if userxattr() else F_TRUSTED_OPAQUE_Y
+        return not is_root and bool(flags & marker)
     return has_marker_child or bool(
         flags & (F_TRUSTED_OPAQUE_Y | F_USER_OPAQUE_Y | F_FUSE_OPAQUE_Y)
     )
@@ -144,18 +180,27 @@ WHITEOUT_MODE = stat.S_IFCHR | 0o000
 OPAQUE_MARKER_MODE = 0o700
 """Mode of the ``.wh..wh..opq`` file fuse-overlayfs puts in an opaque directory."""
 
-ORIGIN_XATTR = b"trusted.layerfs.origin"
+ORIGIN_XATTR = LAYERFS_PREFIX + b"origin"
 """Written by a read-write view on an upper entry that stands for a lower one (copy-up) or
 keeps an inode number across a rename: the view's inode number, decimal ASCII. Internal:
 never listed, never exported; kernel overlayfs and c/storage ignore ``trusted.layerfs.*``."""
 
-WRITE_HIDDEN_PREFIXES: tuple[bytes, ...] = (LAYERFS_PREFIX,)
+WRITE_HIDDEN_PREFIXES: tuple[bytes, ...] = _BOOKKEEPING
 """Xattr prefixes of a read-write view's own bookkeeping: hidden in every format."""
 
 
 def opaque_xattrs(fmt: WhiteoutFormat) -> tuple[tuple[bytes, bytes], ...]:
-    """The xattrs that mark a directory opaque when a read-write view writes it."""
-    return ((TRUSTED_OPAQUE, b"y"),)
+    """The xattrs that mark a directory opaque when a read-write view or an import writes it
+    (``user.overlay.opaque`` when rootless: an unprivileged process cannot set ``trusted.*``)."""
+    return ((USER_OPAQUE, b"y"),) if userxattr() else ((TRUSTED_OPAQUE, b"y"),)
+
+
+def opaque_read_xattrs(fmt: WhiteoutFormat) -> tuple[bytes, ...]:
+    """The xattrs whose value ``y`` makes an upper directory opaque in *fmt* (what a
+    read-write view reads back of what it, or the format's own mount, wrote)."""
+    if fmt == "aufs":
+        return (TRUSTED_OPAQUE, USER_OPAQUE, FUSE_OPAQUE)
+    return (USER_OPAQUE,) if userxattr() else (TRUSTED_OPAQUE,)
 
 
 def opaque_marker_file(fmt: WhiteoutFormat) -> bytes | None:

@@ -66,6 +66,8 @@ class RootlessUser:
             "XDG_RUNTIME_DIR": str(self.runtime_dir),
             "LANG": "C.UTF-8",
         }
+        if os.environ.get("PYTHONPATH"):  # a worktree's code under test, not main's
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         if extra:
             env.update(extra)
         return env
@@ -79,8 +81,13 @@ class RootlessUser:
         input: bytes | None = None,
         timeout: float = 120,
         check: bool = False,
+        setup: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` as the user (text output); ``env`` adds to :meth:`env`."""
+        """Run ``argv`` as the user (text output); ``env`` adds to :meth:`env`.
+
+        ``setup``: shell commands run as root first, in a private mount namespace of this
+        command alone (e.g. a bind mount over ``/dev/fuse`` or ``/etc/fuse.conf``), so the
+        host and other test runs never see them."""
         cmd = [
             "setpriv",
             f"--reuid={self.uid}",
@@ -92,6 +99,9 @@ class RootlessUser:
             *(f"{k}={v}" for k, v in self.env(env).items()),
             *argv,
         ]
+        if setup is not None:
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+                   f'{setup}\nexec "$@"', "sh", *cmd]  # fmt: skip
         proc = subprocess.run(
             cmd,
             cwd=cwd or self.home,
@@ -109,6 +119,82 @@ class RootlessUser:
     def layerfs(self, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
         """``layerfs ARGS`` from this checkout's venv, as the user."""
         return self.run([str(VENV_BIN / "layerfs"), *args], **kwargs)  # type: ignore[arg-type]
+
+
+def user_pids(uid: int) -> list[int]:
+    """Pids of every process running as *uid* (real uid, from /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                for line in f:
+                    if line.startswith("Uid:"):
+                        if int(line.split()[1]) == uid:
+                            pids.append(int(entry))
+                        break
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def reset_user(user: RootlessUser) -> None:
+    """Back to a fresh login: every process of the test user (daemons, the rootless
+    namespace's pause process: all started by the tests) killed by pid and waited for, and
+    the stores and runtime state under its home and runtime dir removed (their mounts live
+    only in namespaces that died with those processes)."""
+    for _attempt in range(100):
+        pids = user_pids(user.uid)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+        _wait_gone(pids)
+    _detach_below(str(user.home), str(user.runtime_dir), f"/tmp/layerfs-run-{user.uid}")
+    for sub in (".local", ".config", ".cache"):
+        shutil.rmtree(user.home / sub, ignore_errors=True)
+    for child in user.runtime_dir.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink()
+    shutil.rmtree(f"/tmp/layerfs-run-{user.uid}", ignore_errors=True)
+    shutil.rmtree(f"/tmp/podman-run-{user.uid}", ignore_errors=True)
+
+
+def _detach_below(*tops: str) -> None:
+    """Lazily unmount whatever this (the host's) mount namespace has below *tops*: views a
+    failed test left, whose daemons were just killed (a dead FUSE mount blocks removal)."""
+    from layerfs.mountinfo import entries
+
+    points = [e.point for e in entries() if any(e.point.startswith(t + "/") for t in tops)]
+    for point in reversed(points):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+
+
+def _wait_gone(pids: list[int]) -> None:
+    """Wait (bounded) until every pid is gone or a zombie of someone else."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not any(_pid_alive(p) and not _is_zombie(p) for p in pids):
+            return
+        time.sleep(0.01)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return True
+    return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] in (b"Z", b"X")
 
 
 def _drop_user(name: str) -> None:
@@ -219,6 +305,12 @@ def rootless_user() -> Iterator[RootlessUser]:
             yield user
     finally:
         uid = pwd.getpwnam(USER_NAME).pw_uid if _user_exists(USER_NAME) else None
+        if uid is not None:  # its daemons die with it: their dead mounts must not stay
+            for pid in user_pids(uid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+            _wait_gone(user_pids(uid))
+            _detach_below(pwd.getpwnam(USER_NAME).pw_dir, f"/run/user/{uid}")
         _drop_user(USER_NAME)
         if uid is not None:
             shutil.rmtree(f"/run/user/{uid}", ignore_errors=True)

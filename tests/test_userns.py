@@ -4,6 +4,7 @@ real unprivileged user (the ``rootless_user`` fixture) and from its user namespa
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from rootless_helpers import RootlessUser, rootless_user  # noqa: F401  (fixture)
@@ -57,3 +58,17 @@ def test_plain_user_and_its_namespace(rootless_user: RootlessUser) -> None:  # n
     parsed = userns.IdMap.parse(maps.stdout)
     assert parsed.to_outside(0) == rootless_user.uid
     assert parsed.to_outside(1) == rootless_user.sub_start
+
+
+def test_subid_ranges_and_podmans_map(tmp_path: Path) -> None:
+    sub = tmp_path / "subuid"
+    sub.write_text(
+        "# comment\nalice:100000:65536\nbob:200000:10\n1000:300000:5\nalice:x:1\nalice:9:0\n"
+    )
+    ranges = userns.subid_ranges("uid", "alice", 1000, str(sub))
+    assert ranges == [(100000, 65536), (300000, 5)]
+    assert userns.subid_ranges("uid", "carol", 1001, str(sub)) == []
+    assert userns.subid_ranges("uid", "alice", 1000, str(tmp_path / "missing")) == []
+    m = userns.rootless_map(1000, ranges)
+    assert m.render() == "0 1000 1\n1 100000 65536\n65537 300000 5\n"
+    assert m.to_outside(65537) == 300000

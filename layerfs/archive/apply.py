@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, BinaryIO, Literal
 
+from layerfs import overridestat, userns
 from layerfs.archive.compression import Compression, open_decompressed
 from layerfs.archive.tarsplit import (
     BLK,
@@ -36,6 +37,7 @@ from layerfs.archive.tarsplit import (
     TarSplitWriter,
 )
 from layerfs.errors import ArchiveError
+from layerfs.overlayfmt import opaque_xattrs
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,47 @@ PATH_MAX = 4096
 NAME_MAX = 255
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """How ownership and modes are written (containers/storage's overlay store options).
+
+    ``ignore_chown_errors`` (``overlay.ignore_chown_errors``): a chown the system refuses
+    (an id outside the user namespace, or no namespace at all) leaves the file owned by us,
+    with one warning for the whole import. ``force_mask`` (``overlay.force_mask``): every
+    directory and file gets this mode on disk, anything but a directory or a link becomes an
+    empty-or-filled regular file, and the real owner, mode and type go into
+    ``user.containers.override_stat`` (:mod:`layerfs.overridestat`), as c/storage writes them.
+    """
+
+    ignore_chown_errors: bool = False
+    force_mask: int | None = None
+
+    @classmethod
+    def from_storage_opts(cls, opts: dict[str, str]) -> ApplyOptions:
+        """Options from ``--storage-opt``-style keys (``overlay.`` prefix optional)."""
+        ignore = False
+        mask: int | None = None
+        for key, value in opts.items():
+            name = key.removeprefix("overlay.").removeprefix("overlay2.")
+            if name == "ignore_chown_errors":
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ArchiveError(f"storage option {key}={value}: expected true or false")
+                ignore = value.lower() in ("true", "1", "yes")
+            elif name == "force_mask":
+                mask = parse_force_mask(value)
+        return cls(ignore_chown_errors=ignore, force_mask=mask)
+
+
+def parse_force_mask(value: str) -> int:
+    """``private`` (0700), ``shared`` (0755) or an octal mode, as c/storage takes it."""
+    named = {"private": 0o700, "shared": 0o755}
+    if value in named:
+        return named[value]
+    if value and all(c in "01234567" for c in value) and int(value, 8) <= 0o7777:
+        return int(value, 8)
+    raise ArchiveError(f"force_mask {value!r}: expected private, shared or an octal mode")
 
 
 @dataclass(frozen=True)
@@ -209,14 +252,38 @@ def _display(parts: Sequence[bytes]) -> str:
 class _Extractor:
     """Creates entries under one root directory fd; never follows a symlink."""
 
-    def __init__(self, diff_dir: str, lowers: Sequence[str], whiteout_format: str) -> None:
+    def __init__(
+        self,
+        diff_dir: str,
+        lowers: Sequence[str],
+        whiteout_format: str,
+        options: ApplyOptions | None = None,
+    ) -> None:
         self.root = os.open(diff_dir, _DIR_FLAGS)
         self.root_path = diff_dir
         self.lowers = list(lowers)
         self.aufs = whiteout_format == "aufs"
-        self.dirs: list[tuple[list[bytes], int, int]] = []
+        self.options = options or ApplyOptions()
+        #: (path, atime, mtime, mode to restore or None), in creation order
+        self.dirs: list[tuple[list[bytes], int, int, int | None]] = []
+        #: Without CAP_DAC_OVERRIDE (any euid but 0) a 0555 directory, the layer root
+        #: included, cannot take new entries: directories are kept u+rwx while the tar is
+        #: extracted and get their real mode back in :meth:`finish` (or :meth:`close`).
+        self.unprivileged = os.geteuid() != 0
+        self.rootless = userns.is_rootless()
+        self.root_mode: int | None = None
+        self.skipped_devices: list[str] = []
+        self.chown_failures: list[str] = []
+        if self.unprivileged:
+            mode = stat.S_IMODE(os.fstat(self.root).st_mode)
+            if mode & 0o700 != 0o700:
+                os.chmod(self.root, mode | 0o700)
+                self.root_mode = mode
 
     def close(self) -> None:
+        if self.root_mode is not None:
+            os.chmod(self.root, self.root_mode)
+            self.root_mode = None
         os.close(self.root)
 
     # -- resolution
@@ -326,7 +393,8 @@ class _Extractor:
         pfd = self._open_dir(parts[:-1], name, create=True)
         try:
             if base == WHITEOUT_OPAQUE:
-                os.setxattr(pfd, OPAQUE_XATTR_KERNEL, b"y")
+                for key, value in opaque_xattrs("kernel"):
+                    os.setxattr(pfd, key, value)
                 return
             orig = base[len(WHITEOUT_PREFIX) :]
             if orig in (b"", b".", b".."):
@@ -340,7 +408,7 @@ class _Extractor:
                     f'entry "{name}": cannot create whiteout device (mknod not permitted; '
                     'use the "aufs" whiteout format when not root)'
                 ) from None
-            os.chown(orig, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+            self._chown(orig, pfd, m, name)
         finally:
             os.close(pfd)
 
@@ -398,6 +466,13 @@ class _Extractor:
         perm = m.mode & 0o7777
         crc: bytes | None = None
         t = m.typeflag
+        if self.options.force_mask is not None and t not in (DIR, SYM, LNK):
+            t = REG  # devices, FIFOs: a regular file; the override says what it stands for
+        if t in (CHR, BLK) and self.rootless:
+            # a user namespace cannot make device nodes; containers/storage skips them too
+            self._make_room(pfd, base, is_dir=False, name=name)
+            self.skipped_devices.append(name)
+            return _drain_crc(m, src)
         if t == REG:
             self._make_room(pfd, base, is_dir=False, name=name)
             fd = os.open(
@@ -407,8 +482,8 @@ class _Extractor:
                 dir_fd=pfd,
             )
             try:
-                crc = _write_content(fd, m, src)
-                self._finish_fd(fd, m, perm)
+                crc = _write_content(fd, m, src) if m.typeflag == REG else _drain_crc(m, src)
+                self._finish_fd(fd, m, perm, name)
             finally:
                 os.close(fd)
             return crc
@@ -416,13 +491,18 @@ class _Extractor:
             if not self._make_room(pfd, base, is_dir=True, name=name):
                 os.mkdir(base, 0o700, dir_fd=pfd)
             fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+            disk = perm if self.options.force_mask is None else self.options.force_mask
+            restore: int | None = None
+            if self.unprivileged and disk & 0o700 != 0o700:
+                restore, disk = disk, disk | 0o700
             try:
-                os.chown(fd, m.uid, m.gid)
+                self._chown(fd, None, m, name)
                 self._xattrs_fd(fd, m)
-                os.chmod(fd, perm)
+                self._override(fd, m)
+                os.chmod(fd, disk)
             finally:
                 os.close(fd)
-            self.dirs.append((parts, *_times(m)))
+            self.dirs.append((parts, *_times(m), restore))
             return _drain_crc(m, src)
         if t == SYM:
             _check_symlink_target(parts, m.linkname, name)
@@ -442,7 +522,7 @@ class _Extractor:
             os.mkfifo(base, 0o600, dir_fd=pfd)
         else:
             raise ArchiveError(f'entry "{name}": unhandled tar header type {t.decode("latin-1")!r}')
-        os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+        self._chown(base, pfd, m, name)
         proc = f"/proc/self/fd/{pfd}/".encode() + base
         for key, value in m.xattrs.items():
             _setxattr(proc, key, value, name)
@@ -455,23 +535,83 @@ class _Extractor:
         for key, value in m.xattrs.items():
             _setxattr(fd, key, value, m.display_name)
 
-    def _finish_fd(self, fd: int, m: TarMember, perm: int) -> None:
-        os.chown(fd, m.uid, m.gid)  # before chmod so set-id bits survive
+    def _finish_fd(self, fd: int, m: TarMember, perm: int, name: str) -> None:
+        self._chown(fd, None, m, name)  # before chmod so set-id bits survive
         self._xattrs_fd(fd, m)  # after chown, which drops security.capability
-        os.chmod(fd, perm)
+        self._override(fd, m)
+        os.chmod(fd, perm if self.options.force_mask is None else self.options.force_mask)
         os.utime(fd, ns=_times(m))
 
+    def _override(self, fd: int, m: TarMember) -> None:
+        """With ``force_mask``: record the entry's real owner, mode and type."""
+        if self.options.force_mask is None:
+            return
+        kinds = {DIR: stat.S_IFDIR, CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
+        mode = kinds.get(m.typeflag, stat.S_IFREG) | (m.mode & 0o7777)
+        rdev = os.makedev(m.devmajor, m.devminor) if m.typeflag in (CHR, BLK) else 0
+        value = overridestat.format_override(m.uid, m.gid, mode, rdev)
+        os.setxattr(fd, overridestat.XATTR, value)
+
+    def _chown(self, target: int | bytes, dir_fd: int | None, m: TarMember, name: str) -> None:
+        """Give the entry the tar's owner; one line naming the id and the fix when the
+        system refuses (or a note for the summary warning with ``ignore_chown_errors``)."""
+        try:
+            if dir_fd is None:
+                assert isinstance(target, int)
+                os.chown(target, m.uid, m.gid)
+            else:
+                os.chown(target, m.uid, m.gid, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EPERM):
+                raise
+            if self.options.ignore_chown_errors:
+                self.chown_failures.append(name)
+                return
+            raise ArchiveError(f'entry "{name}": {chown_advice(m.uid, m.gid, exc)}') from None
+
     def finish(self) -> None:
-        """Set directory times now that their contents are written."""
-        for parts, atime, mtime in self.dirs:
+        """Set directory times now that their contents are written, and give directories
+        kept writable during the extraction their real mode (deepest first, so a parent
+        that loses its own permissions is changed last)."""
+        for parts, atime, mtime, restore in reversed(self.dirs):
             try:
                 fd = self._open_dir(parts, _display(parts), create=False)
             except (FileNotFoundError, ArchiveError):
                 continue  # replaced by a later entry
             try:
+                if restore is not None:
+                    os.chmod(fd, restore)
                 os.utime(fd, ns=(atime, mtime))
             finally:
                 os.close(fd)
+        if self.skipped_devices:
+            log.warning(
+                "skipped %d device node%s (a user namespace cannot create them), e.g. %s",
+                len(self.skipped_devices),
+                "" if len(self.skipped_devices) == 1 else "s",
+                self.skipped_devices[0],
+            )
+        if self.chown_failures:
+            log.warning(
+                "kept our own owner on %d entr%s the system would not chown "
+                "(ignore_chown_errors), e.g. %s",
+                len(self.chown_failures),
+                "y" if len(self.chown_failures) == 1 else "ies",
+                self.chown_failures[0],
+            )
+
+
+def chown_advice(uid: int, gid: int, exc: OSError) -> str:
+    """Why a chown to *uid*:*gid* failed and what fixes it, in one line."""
+    if exc.errno == errno.EINVAL and userns.in_user_namespace():
+        if userns.read_id_map("uid").to_outside(uid) is None:
+            return f"uid {uid} is not mapped: widen /etc/subuid (or use ignore_chown_errors)"
+        return f"gid {gid} is not mapped: widen /etc/subgid (or use ignore_chown_errors)"
+    return (
+        f"cannot give it owner {uid}:{gid} ({exc.strerror}): run as root, or in a user "
+        "namespace with subordinate ids (/etc/subuid, /etc/subgid; layerfs unshare), "
+        "or use ignore_chown_errors"
+    )
 
 
 def _exists(dfd: int, name: bytes) -> bool:
@@ -609,6 +749,7 @@ def apply_tar(
     tar_split_path: str | None = None,
     whiteout_format: Literal["kernel", "aufs"] = "kernel",
     progress: Callable[[int, int], None] | None = None,
+    options: ApplyOptions | None = None,
 ) -> ApplyResult:
     """Extract the (possibly compressed) layer tar *stream* into *diff_dir*.
 
@@ -626,7 +767,7 @@ def apply_tar(
         kind, plain = open_decompressed(raw)  # type: ignore[arg-type]
         tarin = _HashingReader(plain)
         splitter = TarSplitter(tarin)  # type: ignore[arg-type]
-        ex = _Extractor(diff_dir, lower_diff_dirs, whiteout_format)
+        ex = _Extractor(diff_dir, lower_diff_dirs, whiteout_format, options)
         seen: set[bytes] = set()
         uids: set[int] = set()
         gids: set[int] = set()

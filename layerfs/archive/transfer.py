@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from layerfs.archive.apply import ApplyResult, apply_tar
+from layerfs.archive.apply import ApplyOptions, ApplyResult, apply_tar
 from layerfs.archive.compression import Compression, open_compressor
 from layerfs.archive.export import Change, changes, diff_size, write_diff
 from layerfs.errors import InvalidArgumentError
@@ -57,6 +57,7 @@ def _filler(
             tar_split_path=store.tar_split_path(layer.id),
             whiteout_format=store.whiteout_format(),
             progress=progress,
+            options=ApplyOptions.from_storage_opts(store.storage_opts),
         )
         if check is not None:
             check(result)

@@ -65,6 +65,7 @@ from dataclasses import dataclass
 
 from filelock import FileLock, Timeout
 
+from layerfs import userns
 from layerfs.errors import AmbiguousLayerError, InvalidArgumentError, LayerUnknownError, MountError
 from layerfs.fs import mount as fuse_mount
 from layerfs.fs.index import chain_pins
@@ -90,7 +91,8 @@ class MountInfo:
     path: str
     count: int
     pid: int | None
-    state: str  # "live", "private", "untracked" (Go dropped its record), "hung", "hidden"
+    state: str  # "live", "private", "untracked" (Go dropped its record), "hung", "hidden",
+    # "elsewhere" (live in another mount namespace: a user namespace's, or the host's)
     read_write: bool = False  # the view writes into the layer (ours, or Go's kernel overlay)
 
 
@@ -121,8 +123,8 @@ class _View:
 
     record: MountRecord | None  # the mountpoints.json record (count > 0)
     daemon: DaemonRecord | None  # our daemon record
-    record_state: str = "none"  # live / stale / dead / hung / none
-    daemon_state: str = "none"  # live / gone / hung / none (for a daemon not at record.path)
+    record_state: str = "none"  # live / stale / dead / hung / elsewhere / none
+    daemon_state: str = "none"  # live / gone / hung / elsewhere / none (not at record.path)
 
 
 class MountManager:
@@ -275,12 +277,45 @@ class MountManager:
     # ------------------------------------------------------------------ health (no store lock)
 
     @staticmethod
-    def _health(path: str, pid: int | None) -> str:
-        """live, stale (not mounted), dead or hung; reads mountinfo and /proc, and probes a
-        FUSE mount only with a deadline. Never call under a store lock."""
+    def _elsewhere(path: str, daemon: DaemonRecord | None) -> bool:
+        """True when the view at *path*, not mounted in this mount namespace, lives in
+        another one: its daemon's record names another namespace and the daemon is alive
+        there (its ``/proc/PID/ns/mnt`` is still that one), or, for a view without our
+        daemon record (Go's), the rootless namespace's pause process has it mounted."""
+        here = userns.namespace_id("mnt")
+        if daemon is not None and daemon.mnt_ns and daemon.mnt_ns != here:
+            if not daemon.pid or not pending.pid_alive(daemon.pid):
+                return False
+            theirs = userns.namespace_id("mnt", daemon.pid)
+            if theirs is None:  # from inside a user namespace, a process outside it: its
+                # namespace links are closed to us, its command line is not
+                return pending.is_layerfs_daemon(daemon.pid, path)
+            return theirs == daemon.mnt_ns
+        if daemon is not None:
+            return False
+        pause = userns.pause_pid()
+        if pause is None or userns.namespace_id("mnt", pause) in (None, here):
+            return False
+        return entry_at(path, pid=pause) is not None
+
+    @classmethod
+    def _health(cls, path: str, pid: int | None, daemon: DaemonRecord | None = None) -> str:
+        """live, stale (not mounted), dead, hung or elsewhere (live in another mount
+        namespace, see :meth:`_elsewhere`; never stale for that); reads mountinfo and
+        /proc, and probes a FUSE mount only with a deadline. Never call under a store lock."""
+        here = userns.namespace_id("mnt")
+        # ours, started in another namespace: a copy of the mount may show here (a namespace
+        # made after it), but unmounting that copy would not end the view
+        if (
+            daemon is not None
+            and daemon.mnt_ns
+            and daemon.mnt_ns != here
+            and cls._elsewhere(path, daemon)
+        ):
+            return "elsewhere"
         entry = entry_at(path)
         if entry is None:
-            return "stale"
+            return "elsewhere" if cls._elsewhere(path, daemon) else "stale"
         if pid is not None:
             if not pending.pid_alive(pid):
                 return "dead" if entry.fstype.startswith("fuse") else "live"
@@ -299,17 +334,21 @@ class MountManager:
         view = _View(record, daemon)
         if record is not None:
             pid = None
+            at_record = None
             if daemon is not None and normalize(daemon.path) == normalize(record.path):
                 pid = daemon.pid or None
+                at_record = daemon
             elif entry_at(record.path) is not None:
                 pid = fuse_mount.find_daemon_pid(record.path)
-            view.record_state = self._health(record.path, pid)
+            view.record_state = self._health(record.path, pid, at_record)
         if daemon is not None and (
             record is None or normalize(daemon.path) != normalize(record.path)
         ):
-            state = self._health(daemon.path, daemon.pid)
+            state = self._health(daemon.path, daemon.pid, daemon)
             view.daemon_state = {"stale": "gone", "dead": "gone"}.get(state, state)
-            if state == "live" and not pending.is_layerfs_daemon(daemon.pid, daemon.path):
+            if state in ("live", "elsewhere") and not pending.is_layerfs_daemon(
+                daemon.pid, daemon.path
+            ):
                 view.daemon_state = "gone"  # pid reused; the view is someone else's now
         elif daemon is not None:
             view.daemon_state = "at-record"
@@ -341,6 +380,22 @@ class MountManager:
             self._drop_daemon(layer_id)
             view.daemon, view.daemon_state = None, "none"
         return view
+
+    @staticmethod
+    def _refuse_elsewhere(layer_id: str, view: _View) -> None:
+        """Refuse to change a view that lives in another mount namespace (one line)."""
+        for state, where in ((view.record_state, view.record), (view.daemon_state, view.daemon)):
+            if state == "elsewhere" and where is not None:
+                daemon = view.daemon
+                ns = f" ({daemon.mnt_ns}, daemon {daemon.pid})" if daemon and daemon.mnt_ns else ""
+                if userns.in_user_namespace():
+                    hint = "outside the user namespace (LAYERFS_USERNS=host layerfs ...)"
+                else:
+                    hint = "in that namespace (layerfs unshare layerfs ...)"
+                raise MountError(
+                    f'layer "{layer_id}" is mounted at {where.path} in another mount '
+                    f"namespace{ns}; mount or unmount it from there: run it {hint}"
+                )
 
     @staticmethod
     def _hung(pid: int | None, path: str) -> MountError:
@@ -377,9 +432,11 @@ class MountManager:
             for_container=for_container,
             allow_other=allow_other,
             read_write=plan.read_write,
+            mnt_ns=userns.namespace_id("mnt") or "",
         )
         with self._layer_lock(layer_id):
             view = self._repair(layer_id)
+            self._refuse_elsewhere(layer_id, view)
             reused = self._reuse(layer_id, view, mountpoint, wanted, private)
             if reused is not None:
                 return layer_id, reused[0], reused[1]
@@ -590,6 +647,7 @@ class MountManager:
         layer_id = self._resolve_target_or_path(target)
         with self._layer_lock(layer_id):
             view = self._repair(layer_id)
+            self._refuse_elsewhere(layer_id, view)
             daemon, record = view.daemon, view.record
             want_path = normalize(target) if by_path else None
             untracked = daemon is not None and view.daemon_state in ("live", "hung", "hidden")
@@ -718,13 +776,15 @@ class MountManager:
             record, daemon = view.record, view.daemon
             if record is not None:
                 pid = self._daemon_pid(layer_id, record.path)
-                state = view.record_state if view.record_state in ("hung", "hidden") else "live"
+                state = view.record_state
+                if state not in ("hung", "hidden", "elsewhere"):
+                    state = "live"
                 if view.daemon_state == "at-record" and daemon is not None:
                     rw = daemon.read_write
                 else:  # Go's mount (kernel overlay or its mount program)
                     rw = "ro" not in self._mount_options(record.path)
                 out.append(MountInfo(layer_id, names, record.path, record.count, pid, state, rw))
-            if daemon is not None and view.daemon_state in ("live", "hung", "hidden"):
+            if daemon is not None and view.daemon_state in ("live", "hung", "hidden", "elsewhere"):
                 count = 0 if daemon.go_visible else daemon.count
                 state = view.daemon_state
                 if state == "live":

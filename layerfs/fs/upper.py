@@ -27,19 +27,17 @@ import stat
 from collections.abc import Iterable
 
 from layerfs.overlayfmt import (
-    FUSE_OPAQUE,
     LAYERFS_PREFIX,
     OPAQUE_MARKER,
     OPAQUE_MARKER_MODE,
     ORIGIN_XATTR,
-    TRUSTED_OPAQUE,
     TRUSTED_PREFIX,
-    USER_OPAQUE,
     WH_PREFIX,
     WhiteoutFormat,
     is_upper_whiteout,
     is_write_internal_xattr,
     opaque_marker_file,
+    opaque_read_xattrs,
     opaque_xattrs,
 )
 
@@ -194,8 +192,7 @@ class Upper:
     def is_opaque(self, rel: bytes) -> bool:
         """True if the upper dir *rel* hides the lower dirs at its path."""
         p = self.path(rel)
-        names = [TRUSTED_OPAQUE] + ([USER_OPAQUE, FUSE_OPAQUE] if self.fmt == "aufs" else [])
-        for n in names:
+        for n in opaque_read_xattrs(self.fmt):
             try:
                 if os.getxattr(p, n, follow_symlinks=False) == b"y":
                     return True

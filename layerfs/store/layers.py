@@ -35,6 +35,7 @@ import functools
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -42,6 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from layerfs import userns
 from layerfs.errors import (
     AmbiguousLayerError,
     BigDataUnknownError,
@@ -93,25 +95,65 @@ _DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 
 
 def default_root() -> str:
-    """``$LAYERFS_ROOT``, else ``/var/lib/layerfs`` for root, else ``$XDG_DATA_HOME/layerfs``."""
+    """The graph root when none is given.
+
+    ``$LAYERFS_ROOT``; else for real root ``/var/lib/layerfs``; else (a plain user, or euid 0
+    inside a user namespace such as ``podman unshare``) ``$CONTAINERS_GRAPHROOT`` when set
+    (podman exports it into its namespace), else ``$XDG_DATA_HOME/layerfs``
+    (``~/.local/share/layerfs``)."""
     env = os.environ.get("LAYERFS_ROOT")
     if env:
         return env
-    if os.geteuid() == 0:
+    if not userns.is_rootless():
         return "/var/lib/layerfs"
+    graphroot = os.environ.get("CONTAINERS_GRAPHROOT")
+    if graphroot:
+        return graphroot
     data_home = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return os.path.join(data_home, "layerfs")
 
 
 def default_runroot() -> str:
-    """``$LAYERFS_RUNROOT``, else ``/run/layerfs`` for root, else ``$XDG_RUNTIME_DIR/layerfs``."""
+    """The run root when none is given.
+
+    ``$LAYERFS_RUNROOT``; else for real root ``/run/layerfs``; else ``$CONTAINERS_RUNROOT``
+    when set, else ``$XDG_RUNTIME_DIR/layerfs``; without ``XDG_RUNTIME_DIR`` the fallback
+    ``/tmp/layerfs-run-UID/layerfs`` (UID: the host uid), whose top directory is made 0700 and
+    refused when it belongs to someone else or others may write to it (:func:`private_dir`)."""
     env = os.environ.get("LAYERFS_RUNROOT")
     if env:
         return env
-    if os.geteuid() == 0:
+    if not userns.is_rootless():
         return "/run/layerfs"
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/layerfs-run-{os.geteuid()}"
+    runroot = os.environ.get("CONTAINERS_RUNROOT")
+    if runroot:
+        return runroot
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if not runtime:
+        runtime = private_dir(f"/tmp/layerfs-run-{userns.host_uid()}")
     return os.path.join(runtime, "layerfs")
+
+
+def private_dir(path: str) -> str:
+    """Create *path* 0700 if missing; refuse it (one line) when it is not a directory owned
+    by this process's euid, or group or others may write to it (another user could have
+    made it in advance to watch or replace what we put there)."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise LayerfsError(f"run root {path} is not a directory; remove it or set XDG_RUNTIME_DIR")
+    if st.st_uid != os.geteuid():
+        raise LayerfsError(
+            f"run root {path} belongs to uid {st.st_uid}, not to you; "
+            "remove it or set XDG_RUNTIME_DIR"
+        )
+    if st.st_mode & 0o022:
+        raise LayerfsError(
+            f"run root {path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"chmod 700 {path} or set XDG_RUNTIME_DIR"
+        )
+    return path
 
 
 @dataclass(frozen=True)
@@ -175,6 +217,9 @@ class Store:
             os.path.abspath(root or default_root()), os.path.abspath(runroot or default_runroot())
         )
         self.read_only = read_only
+        #: containers/storage-style driver options (``overlay.force_mask`` ...), as given
+        #: with ``--storage-opt``; imports read them (:class:`~layerfs.archive.apply.ApplyOptions`).
+        self.storage_opts: dict[str, str] = {}
         self.driver = OverlayLayout(self.files.root)
         self.mount_table = MountTable(self.files.runroot_layers_dir, read_only=read_only)
         self._mutex = threading.RLock()

@@ -89,6 +89,9 @@ class DaemonRecord:
     count: int = 1
     read_write: bool = False
     started: float = field(default_factory=time.time)
+    #: The daemon's mount namespace (``mnt:[N]``, :func:`layerfs.userns.namespace_id`); ""
+    #: in records written before layerfs knew namespaces. A view is only visible there.
+    mnt_ns: str = ""
 
     def options(self) -> str:
         """The live options as a person reads them."""
@@ -126,6 +129,7 @@ def read_daemon(runroot: str, layer_id: str) -> DaemonRecord | None:
             or (isinstance(started, float) and math.isfinite(started))
         )
         or not all(isinstance(f, bool) for f in flags)
+        or not isinstance(raw.get("mnt_ns", ""), str)
     ):
         return None  # damaged or foreign: never acted on
     return DaemonRecord(
@@ -138,6 +142,7 @@ def read_daemon(runroot: str, layer_id: str) -> DaemonRecord | None:
         read_write=flags[3],
         count=count,
         started=float(started),
+        mnt_ns=raw.get("mnt_ns", ""),
     )
 
 
@@ -161,6 +166,7 @@ def write_daemon(runroot: str, record: DaemonRecord) -> None:
         "read_write": record.read_write,
         "count": record.count,
         "started": record.started,
+        "mnt_ns": record.mnt_ns,
     }
     atomic_write(path, json.dumps(data).encode(), durable=False)
 
