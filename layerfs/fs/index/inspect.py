@@ -356,8 +356,17 @@ def report_text(report: ChainReport, target: str) -> str:
             continue
         lines.append(f"{i:>3} {r.id[:12]}")
         for f in r.largest:
-            lines.append(f"      {human(f.size):>10}  {f.state:<8}  {f.path}")
+            lines.append(f"      {human(f.size):>10}  {f.state:<8}  {_one_line(f.path)}")
     if not report.consistent:
         lines.append("")
         lines.append("note: the chain has directory redirects: change counts are approximate")
     return "\n".join(lines)
+
+
+def _one_line(path: str) -> str:
+    """*path* for a text line: control characters (a newline in a hostile layer's name
+    would forge a row) shown as ``\\n``, ``\\x1b``... (as invalid UTF-8 already is)."""
+    out = []
+    for c in path:
+        out.append(c if c.isprintable() else c.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
