@@ -327,3 +327,18 @@ def _user_exists(name: str) -> bool:
 def users_group_id() -> int:
     """The gid of the ``users`` group the test user belongs to."""
     return grp.getgrnam("users").gr_gid
+
+
+@pytest.fixture(name="user")
+def fresh_user(rootless_user: RootlessUser) -> Iterator[RootlessUser]:
+    """The test user, fresh before and after: no namespace, no store, no views."""
+    reset_user(rootless_user)
+    yield rootless_user
+    reset_user(rootless_user)
+
+
+def ok(user: RootlessUser, *argv: str, **kw: object) -> str:
+    """Run ``argv`` as the user; its stdout, or a failure showing both outputs."""
+    proc = user.run(list(argv), **kw)  # type: ignore[arg-type]
+    assert proc.returncode == 0, f"{argv}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout

@@ -10,11 +10,16 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rootless_helpers import RootlessUser, reset_user, rootless_user  # noqa: F401  (fixture)
+from rootless_helpers import (  # noqa: F401  (fixture)
+    RootlessUser,
+    fresh_user,
+    reset_user,
+    rootless_user,
+)
+from rootless_helpers import ok as _ok
 
 from archive_helpers import E, build_tar
 from conftest import require_tool
@@ -22,19 +27,6 @@ from layerfs import overridestat
 from layerfs.overridestat import OverrideStat, format_override, parse_override
 
 HOST = {"LAYERFS_USERNS": "host"}
-
-
-@pytest.fixture
-def user(rootless_user: RootlessUser) -> Iterator[RootlessUser]:  # noqa: F811
-    reset_user(rootless_user)
-    yield rootless_user
-    reset_user(rootless_user)
-
-
-def _ok(user: RootlessUser, *argv: str, **kw: object) -> str:
-    proc = user.run(list(argv), **kw)  # type: ignore[arg-type]
-    assert proc.returncode == 0, f"{argv}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
 
 
 def _put(user: RootlessUser, name: str, data: bytes) -> str:

@@ -8,10 +8,15 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterator
 
 import pytest
-from rootless_helpers import RootlessUser, reset_user, rootless_user  # noqa: F401  (fixture)
+from rootless_helpers import (  # noqa: F401  (fixture)
+    RootlessUser,
+    fresh_user,
+    reset_user,
+    rootless_user,
+)
+from rootless_helpers import ok as _ok
 
 from archive_helpers import E, build_tar
 from conftest import require_tool
@@ -21,19 +26,6 @@ PROBE = (
     "from layerfs.store.layers import default_root, default_runroot; "
     "print(default_root()); print(default_runroot())"
 )
-
-
-@pytest.fixture
-def user(rootless_user: RootlessUser) -> Iterator[RootlessUser]:  # noqa: F811
-    reset_user(rootless_user)
-    yield rootless_user
-    reset_user(rootless_user)
-
-
-def _ok(user: RootlessUser, *argv: str, **kw: object) -> str:
-    proc = user.run(list(argv), **kw)  # type: ignore[arg-type]
-    assert proc.returncode == 0, f"{argv}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
 
 
 def test_plain_user_defaults_to_xdg(user: RootlessUser) -> None:

@@ -7,28 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rootless_helpers import RootlessUser, reset_user, rootless_user  # noqa: F401  (fixture)
+from rootless_helpers import (  # noqa: F401  (fixture)
+    RootlessUser,
+    fresh_user,
+    reset_user,
+    rootless_user,
+)
+from rootless_helpers import ok as _ok
 
 from archive_helpers import E, build_tar
 from layerfs import userns
-
-
-@pytest.fixture
-def user(rootless_user: RootlessUser) -> Iterator[RootlessUser]:  # noqa: F811
-    """The test user, fresh: no namespace, no store, no views."""
-    reset_user(rootless_user)
-    yield rootless_user
-    reset_user(rootless_user)
-
-
-def _ok(user: RootlessUser, *argv: str, **kw: object) -> str:
-    proc = user.run(list(argv), **kw)  # type: ignore[arg-type]
-    assert proc.returncode == 0, f"{argv}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
 
 
 def _tar_file(user: RootlessUser, name: str, entries: list[E]) -> str:
