@@ -19,6 +19,8 @@ import os
 import stat
 from dataclasses import dataclass
 
+from layerfs.procfs import pid_alive
+
 #: The id the kernel reports for an id that has no mapping (``/proc/sys/fs/overflowuid``).
 OVERFLOW_ID = 65534
 
@@ -265,23 +267,12 @@ def _live_pause_pid(path: str) -> int | None:
         st = os.stat(f"/proc/{pid}")
     except OSError:
         return None
-    if st.st_uid != os.getuid() or not _running(pid):
+    if st.st_uid != os.getuid() or not pid_alive(pid):
         return None
     theirs = namespace_id("user", pid)
     if theirs is None or theirs == namespace_id("user"):
         return None
     return pid
-
-
-def _running(pid: int) -> bool:
-    """False for a process that is gone or a zombie (killed, not yet reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    end = data.rindex(b")")
-    return data[end + 2 : end + 3] not in (b"Z", b"X")
 
 
 def join(pid: int) -> None:

@@ -320,6 +320,24 @@ class LayerfsCLI:
         return self.run(*args, input=input).stdout.decode()
 
 
+def import_two_layer_chain(cli: LayerfsCLI) -> dict[str, str]:
+    """Import ``base`` (a, d/x) <- ``top`` (b, .wh.a, d/y) through the CLI: name -> id."""
+    require_root()
+    ids = {}
+    ids["base"] = cli.out(
+        "import-layer", "--name", "base", input=make_tar({"a": b"A", "d": None, "d/x": b"X"})
+    ).split()[0]
+    ids["top"] = cli.out(
+        "import-layer",
+        "--name",
+        "top",
+        "--parent",
+        "base",
+        input=make_tar({"b": b"B", ".wh.a": b"", "d/y": b"Y"}),
+    ).split()[0]
+    return ids
+
+
 @pytest.fixture
 def cli(paths: StorePaths) -> LayerfsCLI:
     """The layerfs CLI on the same store as ``paths``."""

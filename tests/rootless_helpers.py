@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require, require_root, require_tool
+from layerfs.procfs import pid_alive
 
 #: One user per checkout running tests at once: ``LAYERFS_TEST_USER`` and
 #: ``LAYERFS_TEST_SUBID`` (start of the subordinate range) override the defaults.
@@ -183,18 +184,9 @@ def _wait_gone(pids: list[int]) -> None:
 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if not any(_pid_alive(p) and not _is_zombie(p) for p in pids):
+        if not any(pid_alive(p) for p in pids):
             return
         time.sleep(0.01)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return True
-    return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] in (b"Z", b"X")
 
 
 def _drop_user(name: str) -> None:

@@ -21,6 +21,7 @@ from fs_helpers import (
 )
 from fs_helpers import layerfs_view as _view
 from fs_helpers import store_chain_dirs as _diff_dirs
+from layerfs import procfs
 from layerfs.fs.index import chain_pins, walk_diff
 from layerfs.fs.index.build import layer_key
 from layerfs.fs.index.format import encode, write_file
@@ -133,7 +134,7 @@ def test_unmount_never_signals_a_process_the_daemon_record_names_wrongly(
         record["pid"] = victim.pid
         _daemon_file(paths, layer).write_text(json.dumps(record))
         cli.run("unmount", layer, timeout=60)
-        wait_until(lambda: not pending.pid_alive(daemon), what="the real daemon exits")
+        wait_until(lambda: not procfs.pid_alive(daemon), what="the real daemon exits")
         assert victim.poll() is None, "unmount signalled a process that is not the daemon"
         assert cli.out("mounted", layer).strip() == "0"
     finally:

@@ -24,8 +24,9 @@ from test_mount_interop import daemon_pid, fuse_mounts_below, one_line_error, wa
 from conftest import GoTool, LayerfsCLI, StorePaths, make_tar, require_root, require_tool
 from layerfs.errors import LayerMountedError
 from layerfs.fs.mount import probe
+from layerfs.procfs import pid_alive
 from layerfs.store.lockfile import LockFile
-from layerfs.store.pending import layer_lock_path, pid_alive
+from layerfs.store.pending import layer_lock_path
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GoTool, LayerfsCLI, StorePaths, make_tar, require_root
-from layerfs.store.pending import pid_alive
+from conftest import GoTool, LayerfsCLI, StorePaths, import_two_layer_chain
+from layerfs.procfs import pid_alive
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -25,20 +25,7 @@ pytestmark = [pytest.mark.fuse, pytest.mark.root]
 @pytest.fixture
 def chain(cli: LayerfsCLI) -> dict[str, str]:
     """base (a, d/x) <- top (b, .wh.a, d/y): returns name -> id."""
-    require_root()
-    ids = {}
-    ids["base"] = cli.out(
-        "import-layer", "--name", "base", input=make_tar({"a": b"A", "d": None, "d/x": b"X"})
-    ).split()[0]
-    ids["top"] = cli.out(
-        "import-layer",
-        "--name",
-        "top",
-        "--parent",
-        "base",
-        input=make_tar({"b": b"B", ".wh.a": b"", "d/y": b"Y"}),
-    ).split()[0]
-    return ids
+    return import_two_layer_chain(cli)
 
 
 def fuse_mounts_below(top: str) -> list[str]:

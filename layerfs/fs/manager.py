@@ -65,7 +65,7 @@ from dataclasses import dataclass
 
 from filelock import FileLock, Timeout
 
-from layerfs import userns
+from layerfs import procfs, userns
 from layerfs.errors import AmbiguousLayerError, InvalidArgumentError, LayerUnknownError, MountError
 from layerfs.fs import mount as fuse_mount
 from layerfs.fs.index import chain_pins
@@ -284,7 +284,7 @@ class MountManager:
         daemon record (Go's), the rootless namespace's pause process has it mounted."""
         here = userns.namespace_id("mnt")
         if daemon is not None and daemon.mnt_ns and daemon.mnt_ns != here:
-            if not daemon.pid or not pending.pid_alive(daemon.pid):
+            if not daemon.pid or not procfs.pid_alive(daemon.pid):
                 return False
             theirs = userns.namespace_id("mnt", daemon.pid)
             if theirs is None:  # from inside a user namespace, a process outside it: its
@@ -317,9 +317,9 @@ class MountManager:
         if entry is None:
             return "elsewhere" if cls._elsewhere(path, daemon) else "stale"
         if pid is not None:
-            if not pending.pid_alive(pid):
+            if not procfs.pid_alive(pid):
                 return "dead" if entry.fstype.startswith("fuse") else "live"
-            if pending.pid_stopped(pid):
+            if procfs.pid_stopped(pid):
                 return "hung"
         if not entry.fstype.startswith("fuse"):
             return "live"  # a kernel overlay made by Go: nothing to probe

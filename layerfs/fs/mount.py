@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import layerfs
 from layerfs.errors import MountError
 from layerfs.mountinfo import entry_at, is_mountpoint, mounts
-from layerfs.store.pending import pid_alive
+from layerfs.procfs import pid_alive
 
 if TYPE_CHECKING:
     from layerfs.fs.index import LayerPin

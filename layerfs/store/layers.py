@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from layerfs import userns
+from layerfs import procfs, userns
 from layerfs.errors import (
     AmbiguousLayerError,
     BigDataUnknownError,
@@ -750,7 +750,7 @@ class Store:
         daemon = pending.read_daemon(runroot, layer.id)
         if daemon is None:
             return
-        if daemon.pid and pending.pid_alive(daemon.pid) and is_mountpoint(daemon.path):
+        if daemon.pid and procfs.pid_alive(daemon.pid) and is_mountpoint(daemon.path):
             raise LayerMountedError(
                 f'layer "{layer.id}" has a layerfs view at {daemon.path} '
                 f"(daemon {daemon.pid}); unmount it first"

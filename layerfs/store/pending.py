@@ -192,39 +192,6 @@ def daemon_records(runroot: str) -> list[DaemonRecord]:
     return out
 
 
-def pid_alive(pid: int) -> bool:
-    """True while any thread of process *pid* is alive (not a zombie).
-
-    A killed multi-threaded process shows its leader as a zombie while other threads are
-    still exiting and still hold the FUSE connection open, so the leader alone is not enough.
-    """
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                data = f.read()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        end = data.rindex(b")")
-        if data[end + 2 : end + 3] not in (b"Z", b"X"):
-            return True
-    return False
-
-
-def pid_stopped(pid: int) -> bool:
-    """True if the process is stopped (SIGSTOP, ``State: T``) or traced (``t``)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    end = data.rindex(b")")
-    return data[end + 2 : end + 3] in (b"T", b"t")
-
-
 def is_layerfs_daemon(pid: int, mountpoint: str) -> bool:
     """True if *pid* is a layerfs daemon serving *mountpoint* (guards against pid reuse)."""
     try:
