@@ -183,18 +183,9 @@ def test_go_child_layer_written_beside_a_live_view(cli: LayerfsCLI, go: GoTool) 
     overlay over top's diff), writes through it and unmounts: the view and Go agree."""
     import json
 
-    from conftest import make_tar, require_root
+    from conftest import import_two_layer_chain
 
-    require_root()
-    cli.out("import-layer", "--name", "base", input=make_tar({"a": b"A", "d": None, "d/x": b"X"}))
-    top = cli.out(
-        "import-layer",
-        "--name",
-        "top",
-        "--parent",
-        "base",
-        input=make_tar({"b": b"B", ".wh.a": b"", "d/y": b"Y"}),
-    ).split()[0]
+    top = import_two_layer_chain(cli)["top"]
     path = cli.out("mount", "top").strip()
     try:
         child = go.out("create-layer", top).split()[-1].strip()

@@ -15,9 +15,8 @@ from conftest import (
     GoTool,
     LayerfsCLI,
     StorePaths,
-    make_tar,
+    import_two_layer_chain,
     process_gone,
-    require_root,
     wait_until,
 )
 
@@ -27,16 +26,7 @@ pytestmark = [pytest.mark.fuse, pytest.mark.root]
 @pytest.fixture
 def chain(cli: LayerfsCLI) -> str:
     """base (a, d/x) <- top (b, .wh.a, d/y): returns the top layer's name."""
-    require_root()
-    cli.run("import-layer", "--name", "base", input=make_tar({"a": b"A", "d": None, "d/x": b"X"}))
-    cli.run(
-        "import-layer",
-        "--name",
-        "top",
-        "--parent",
-        "base",
-        input=make_tar({"b": b"B", ".wh.a": b"", "d/y": b"Y"}),
-    )
+    import_two_layer_chain(cli)
     return "top"
 
 
