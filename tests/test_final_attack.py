@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from test_rw_attack import REMOUNT_DIR_NLINK_AFTER_GROUP_COPY_UP
 from test_rw_posix import HIDDEN, Pair, _read, _write, finish, kernel_ro, layerfs_rw, mounted_pair
 
-from conftest import GoTool, LayerfsCLI
+from conftest import GoTool, LayerfsCLI, wait_until
 from fs_helpers import cleanup_mount, snapshot
+from layerfs.procfs import pid_stopped
 
 CAP = bytes.fromhex("0100000200040000000000000000000000000000")
 
@@ -24,6 +26,26 @@ def _as_user(cwd: str, cmd: str) -> int:
         cwd=cwd,
         capture_output=True,
     ).returncode
+
+
+@contextlib.contextmanager
+def _rewriting(path: str, source: str, blocks: int) -> Iterator[None]:
+    """A shell loop rewriting *path* from *source* with dd (64 KiB blocks) for the duration;
+    entered once the first write has reached the file."""
+    loop = f"while :; do dd if={source} of='{path}' bs=64k count={blocks} 2>/dev/null; done"
+    writer = subprocess.Popen(["sh", "-c", loop])
+    try:
+        wait_until(lambda: os.path.exists(path) and os.path.getsize(path) > 0, f"{path} is written")
+        yield
+    finally:
+        writer.kill()
+        writer.wait(timeout=10)
+
+
+def _stop(pid: int) -> None:
+    """SIGSTOP *pid* and wait until the kernel shows it stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_until(lambda: pid_stopped(pid), f"process {pid} is stopped")
 
 
 def test_capability_memo_cleared_by_setxattr_then_write(tmp_path: Path) -> None:
@@ -96,28 +118,19 @@ def test_stopped_daemon_lazy_umount_then_kill(tmp_path: Path) -> None:
     d = pair.dirs["l"]
     with layerfs_rw([d["lower"]], d["upper"], d["work"], Path(pair.l)) as pid:
         _write(f"{pair.l}/before", b"b" * 10000)
-        writer = subprocess.Popen(
-            [
-                "sh",
-                "-c",
-                f"while :; do dd if=/dev/zero of='{pair.l}/mid' bs=64k count=16 2>/dev/null; done",
-            ]
-        )
-        time.sleep(0.5)
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            time.sleep(0.3)
-            r = subprocess.run(["timeout", "10", "umount", "-l", pair.l], capture_output=True)
-            assert r.returncode == 0, r.stderr
-            r = subprocess.run(
-                ["timeout", "10", "grep", "-c", pair.l, "/proc/self/mountinfo"], capture_output=True
-            )
-            assert r.stdout.strip() == b"0"
-        finally:
-            os.kill(pid, signal.SIGKILL)
-            os.kill(pid, signal.SIGCONT)
-        writer.kill()
-        assert writer.wait(timeout=10) is not None
+        with _rewriting(f"{pair.l}/mid", "/dev/zero", 16):
+            try:
+                _stop(pid)
+                r = subprocess.run(["timeout", "10", "umount", "-l", pair.l], capture_output=True)
+                assert r.returncode == 0, r.stderr
+                r = subprocess.run(
+                    ["timeout", "10", "grep", "-c", pair.l, "/proc/self/mountinfo"],
+                    capture_output=True,
+                )
+                assert r.stdout.strip() == b"0"
+            finally:
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
     with kernel_ro([d["upper"], d["lower"]], tmp_path / "again") as m:
         snap = snapshot(m, HIDDEN)
         assert _read(f"{m}/before") == b"b" * 10000
@@ -148,27 +161,16 @@ def test_stopped_mount_program_ps_and_lazy_umount_do_not_hang(
     data = os.urandom(1 << 20)
     with open(f"{m}/etc/os", "ab") as f:
         f.write(data)
-    writer = subprocess.Popen(
-        [
-            "sh",
-            "-c",
-            f"while :; do dd if=/dev/urandom of='{m}/etc/mid' bs=64k count=8 2>/dev/null; done",
-        ]
-    )
-    time.sleep(0.3)
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        time.sleep(0.3)
+    with contextlib.ExitStack() as running:
+        running.enter_context(_rewriting(f"{m}/etc/mid", "/dev/urandom", 8))
+        running.callback(os.kill, pid, signal.SIGCONT)  # callbacks run last first: KILL, CONT
+        running.callback(os.kill, pid, signal.SIGKILL)
+        _stop(pid)
         ps = subprocess.run(["timeout", "20", *cli.argv("ps")], capture_output=True)
         assert ps.returncode != 124, "layerfs ps hung on a stopped daemon"
         r2 = subprocess.run(["timeout", "10", "umount", "-l", m], capture_output=True)
         assert r2.returncode == 0, r2.stderr
         assert not is_mountpoint(m)
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        os.kill(pid, signal.SIGCONT)
-    writer.kill()
-    writer.wait(timeout=10)
     lowers = [os.path.realpath(d) for d in s["lower"].split(":")]
     with kernel_ro([s["upper"], *lowers], tmp_path / "k") as k:
         assert _read(f"{k}/etc/os") == b"top\n" + data
