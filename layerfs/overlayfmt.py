@@ -42,9 +42,10 @@ those; observed with containers-storage 1.43 inside ``podman unshare``).
 
 from __future__ import annotations
 
-import functools
 import stat
 from typing import Literal
+
+from layerfs import userns
 
 WhiteoutFormat = Literal["kernel", "aufs"]
 FORMATS: tuple[WhiteoutFormat, ...] = ("kernel", "aufs")
@@ -63,13 +64,10 @@ ROOT_LAYERFS_PREFIX = b"trusted.layerfs."
 ROOTLESS_LAYERFS_PREFIX = b"user.layerfs."
 
 
-def _rootless_now() -> bool:
-    from layerfs import userns
+_USERXATTR = userns.is_rootless()
+"""Whether this process is rootless (see :func:`userxattr`); read once, at import."""
 
-    return userns.is_rootless()
-
-
-LAYERFS_PREFIX = ROOTLESS_LAYERFS_PREFIX if _rootless_now() else ROOT_LAYERFS_PREFIX
+LAYERFS_PREFIX = ROOTLESS_LAYERFS_PREFIX if _USERXATTR else ROOT_LAYERFS_PREFIX
 """A read-write view's own bookkeeping on upper entries (:data:`ORIGIN_XATTR`): under
 ``trusted.layerfs.`` as root, ``user.layerfs.`` when rootless (a user namespace cannot set
 ``trusted.*``; being rootless never changes within a process, see :func:`userxattr`). Both
@@ -79,7 +77,8 @@ which knows nothing of them, would list them), and never exported."""
 _BOOKKEEPING = (ROOT_LAYERFS_PREFIX, ROOTLESS_LAYERFS_PREFIX)
 
 HIDDEN_PREFIXES: dict[WhiteoutFormat, tuple[bytes, ...]] = {
-    "kernel": (TRUSTED_PREFIX, *_BOOKKEEPING),
+    # rootless, the kernel mounts with userxattr: user.overlay.* is its own, never listed
+    "kernel": (TRUSTED_PREFIX, *_BOOKKEEPING, *((b"user.overlay.",) if _USERXATTR else ())),
     "aufs": (TRUSTED_PREFIX, b"user.overlay.", b"user.fuseoverlayfs.", *_BOOKKEEPING),
 }
 """Xattr name prefixes the format's own mount never lists (and layerfs's bookkeeping)."""
@@ -114,20 +113,17 @@ def check_format(fmt: str) -> WhiteoutFormat:
     raise ValueError(f"unknown whiteout format {fmt!r} (kernel or aufs)")
 
 
-@functools.cache
 def userxattr() -> bool:
     """True when this process is rootless, so that its kernel overlay (and containers/storage
     in it) uses ``user.overlay.*`` instead of ``trusted.overlay.*`` (the ``userxattr`` mount
-    option). Fixed for the life of the process: entering a namespace re-executes layerfs."""
-    from layerfs import userns
-
-    return userns.is_rootless()
+    option). Fixed for the life of the process: a plain user is rootless both before and
+    after layerfs joins its user namespace (``setns`` in the same process), and real root
+    never enters one."""
+    return _USERXATTR
 
 
 def is_hidden_xattr(fmt: WhiteoutFormat, name: bytes) -> bool:
     """True if the format's mount never lists xattr *name*."""
-    if fmt == "kernel" and userxattr() and name.startswith(b"user.overlay."):
-        return True
     return name.startswith(HIDDEN_PREFIXES[fmt])
 
 
