@@ -303,19 +303,13 @@ class MountManager:
         """live, stale (not mounted), dead, hung or elsewhere (live in another mount
         namespace, see :meth:`_elsewhere`; never stale for that); reads mountinfo and
         /proc, and probes a FUSE mount only with a deadline. Never call under a store lock."""
-        here = userns.namespace_id("mnt")
         # ours, started in another namespace: a copy of the mount may show here (a namespace
         # made after it), but unmounting that copy would not end the view
-        if (
-            daemon is not None
-            and daemon.mnt_ns
-            and daemon.mnt_ns != here
-            and cls._elsewhere(path, daemon)
-        ):
+        if daemon is not None and cls._elsewhere(path, daemon):
             return "elsewhere"
         entry = entry_at(path)
-        if entry is None:
-            return "elsewhere" if cls._elsewhere(path, daemon) else "stale"
+        if entry is None:  # (with a daemon record, _elsewhere has answered already)
+            return "elsewhere" if daemon is None and cls._elsewhere(path, None) else "stale"
         if pid is not None:
             if not procfs.pid_alive(pid):
                 return "dead" if entry.fstype.startswith("fuse") else "live"
