@@ -13,6 +13,7 @@ import logging
 import os
 import stat
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
 
@@ -479,9 +480,14 @@ def _write_output(output: str | None, write: Callable[[BinaryIO], None]) -> None
         return
     if output and output != "-":
         directory = os.path.dirname(os.path.abspath(output))
-        tmp = os.path.join(directory, f".{os.path.basename(output)}.partial")
+        # a new name made with O_EXCL: a fixed temp name in a directory others can write
+        # (/tmp) could be a planted symlink that the open would follow
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", dir=directory)
         try:
-            with open(tmp, "wb") as out:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # the mode a plain open would give
+            with open(fd, "wb") as out:
                 write(out)
                 out.flush()
                 os.fsync(out.fileno())

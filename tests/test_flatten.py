@@ -165,6 +165,28 @@ def test_output_is_atomic(cli: LayerfsCLI, paths: StorePaths, tmp_path: Path) ->
         subprocess.run(["umount", str(small)], check=True)
 
 
+def test_output_temp_file_is_not_a_planted_symlink(
+    cli: LayerfsCLI, paths: StorePaths, tmp_path: Path
+) -> None:
+    """-o into a directory others can write (e.g. /tmp): a symlink planted where a fixed temp
+    name would be is never followed, and the tar still lands whole at -o."""
+    require_root()
+    rich_store(paths, tmp_path)
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    for name in (".out.tar.partial", ".out.tar.tmp", "out.tar.partial"):
+        os.symlink(victim, shared / name)
+    cli.run("export", "top", "-o", str(shared / "out.tar"))
+    assert victim.read_bytes() == b"precious"
+    with tarfile.open(shared / "out.tar") as tf:
+        assert tf.getnames()
+    assert sorted(os.listdir(shared)) == sorted(
+        ["out.tar", ".out.tar.partial", ".out.tar.tmp", "out.tar.partial"]
+    )
+
+
 def test_refuses_a_terminal(cli: LayerfsCLI, paths: StorePaths, tmp_path: Path) -> None:
     require_root()
     rich_store(paths, tmp_path)
