@@ -362,8 +362,9 @@ def _images(store: Store, args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stdout.buffer.write(store.images.json_bytes() + b"\n")
         return 0
+    images = store.images.load()  # before the header: a damaged file prints one line only
     _out(f"{'IMAGE ID':<14}{'NAMES':<34}{'TOP LAYER':<14}{'DIGEST':<21}{'SIZE':>12}  CREATED")
-    for record in store.images.load():
+    for record in images:
         f = _image_facts(store, record)
         names = ",".join(f["names"]) or "-"
         digest = f["digest"][:19] or "-"  # the algorithm and 12 hex digits

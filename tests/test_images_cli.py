@@ -233,3 +233,35 @@ def test_version_tells_stock_from_patched() -> None:
     assert r.returncode == 0, r.stderr
     line = r.stdout.splitlines()[1]
     assert "stock: no layerfs patches, no cache_readdir, cache_symlinks, no_open" in line
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"id": 5, "names": ["x"], "layer": "l"},
+        {"id": "i1", "names": "x", "layer": "l"},
+        {"id": "i1", "names": ["x", 7], "layer": "l"},
+        {"id": "i1", "names": ["x"], "layer": ["l"]},
+    ],
+)
+def test_images_json_with_wrong_types_is_refused(
+    cli: LayerfsCLI, go: GoTool, paths: StorePaths, record: dict[str, Any]
+) -> None:
+    """A record whose fields have the wrong JSON types (Go cannot decode it either): every
+    command that reads images.json says so in one line, never shows the garbage or a Python
+    repr of it, and leaves the file as it was; a plain layer stays usable where images.json
+    is not needed to find it."""
+    layer = cli.out("create-layer", "--name", "plain").split()[0]
+    path = Path(paths.root) / "overlay-images" / "images.json"
+    path.parent.mkdir(exist_ok=True)
+    raw = json.dumps([record]).encode()
+    path.write_bytes(raw)
+    for argv in (["images"], ["images", "--json"], ["image", "x"], ["export", "x"]):
+        r = cli.run(*argv, check=False)
+        err = r.stderr.decode()
+        assert r.returncode == 1 and r.stdout == b"", (argv, r.stdout)
+        assert err.startswith("layerfs: ") and err.count("\n") == 1, (argv, err)
+        assert "images.json" in err and "[" not in err.split("images.json", 1)[1], (argv, err)
+    assert path.read_bytes() == raw
+    assert cli.out("ls", "plain", "/") == ""
+    assert cli.out("layer", layer).startswith("ID: ")

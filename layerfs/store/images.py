@@ -40,6 +40,40 @@ IMAGE_KEYS = (
 )
 
 
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+#: The fields layerfs reads, and the JSON types Go's decoder accepts for them (null is
+#: accepted too wherever Go's field is a slice, map or pointer).
+_FIELD_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "id": ("a string", lambda v: isinstance(v, str) and v != ""),
+    "names": ("a list of strings", lambda v: v is None or _is_str_list(v)),
+    "names-history": ("a list of strings", lambda v: v is None or _is_str_list(v)),
+    "mapped-layers": ("a list of strings", lambda v: v is None or _is_str_list(v)),
+    "big-data-names": ("a list of strings", lambda v: v is None or _is_str_list(v)),
+    "layer": ("a string", lambda v: isinstance(v, str)),
+    "digest": ("a string", lambda v: isinstance(v, str)),
+    "metadata": ("a string", lambda v: isinstance(v, str)),
+    "created": ("a string", lambda v: isinstance(v, str)),
+    "big-data-sizes": (
+        "an object of integers",
+        lambda v: v is None or (isinstance(v, dict) and all(type(x) is int for x in v.values())),
+    ),
+}
+
+
+def _record_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with an images.json record's field types (as Go's decoder would refuse
+    them), or None. ``id`` is required; the other fields may be missing."""
+    if "id" not in record:
+        return "has no id"
+    for key, (kind, ok) in _FIELD_CHECKS.items():
+        if key in record and not ok(record[key]):
+            return f'"{key}" is not {kind}'
+    return None
+
+
 class ImageUnknownError(LayerfsError):
     """No image has this id, name or unique id prefix (containers/storage ErrImageUnknown)."""
 
@@ -119,6 +153,10 @@ class ImageRecords:
             return []
         if not isinstance(decoded, list) or not all(isinstance(i, dict) for i in decoded):
             raise CorruptStoreError(f"{self.path}: expected a JSON array of image records")
+        for n, record in enumerate(decoded):
+            problem = _record_problem(record)
+            if problem:
+                raise CorruptStoreError(f"{self.path}: image record {n + 1}: {problem}")
         return decoded
 
     def load(self) -> list[dict[str, Any]]:
