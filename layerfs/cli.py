@@ -1201,7 +1201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         store = Store(args.root, args.runroot, read_only=False)
         store.storage_opts = _storage_opts(args.storage_opt)
         if args.command in _IMAGE_AWARE:
-            _images_to_top_layers(store, args)
+            # one shared acquisition for resolving image names and the command's reads,
+            # so a layer cannot change between the two
+            with store.reading():
+                _images_to_top_layers(store, args)
+                return handler(store, args)
         return handler(store, args)
     except LayerfsError as exc:
         if args.debug:

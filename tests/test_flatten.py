@@ -130,14 +130,17 @@ def test_export_streams(tmp_path: Path) -> None:
     with open(layer / "huge", "wb") as f:
         for i in range(256):
             f.write(bytes([i]) * (1 << 20))
+    # VmHWM is this process's own peak (a new mm at exec); ru_maxrss would also count the
+    # peak of the pytest process it was forked from, which Linux carries across exec
     code = (
-        "import resource, sys\n"
+        "import sys\n"
         "from layerfs.fs.index import build_index\n"
         "from layerfs.archive.flatten import write_view_tar\n"
         f"idx = build_index([{str(layer)!r}])\n"
         "with open('/dev/null', 'wb') as out:\n"
         "    print(write_view_tar(out, idx).bytes)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "status = open('/proc/self/status').read().split('VmHWM:')[1]\n"
+        "print(status.split()[0])\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     written, maxrss_kib = (int(x) for x in r.stdout.split())

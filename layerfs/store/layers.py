@@ -924,6 +924,18 @@ class Store:
         return chain, self.diff_dirs_of_chain(chain)
 
     @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold ``layers.lock`` shared, with fresh records, for the whole block.
+
+        Queries inside the block reuse the held lock (one acquisition for a command that
+        resolves several references and then reads files); changes are refused
+        (:class:`StoreReentryError`). ``images.lock`` may be taken inside the block: that is
+        the lock order of containers/storage (layers, then images).
+        """
+        with self._reading():
+            yield
+
+    @contextmanager
     def reading_layer(self, ref: str) -> Iterator[LayerContents]:
         """Resolve ``ref`` and hold ``layers.lock`` shared while the block reads its files.
 
