@@ -17,6 +17,7 @@ import trio
 from layerfs.errors import describe_os_error
 from layerfs.fs.backing import BackingOpener
 from layerfs.fs.fdcache import BackingFd, FdCache
+from layerfs.fs.idmap import IdMapping
 from layerfs.fs.index import HIDDEN_XATTR_PREFIXES, UnionIndex
 
 log = logging.getLogger(__name__)
@@ -220,8 +221,11 @@ class UnionOperations(pyfuse3.Operations):
         layer_ids: Sequence[str] | None = None,
         *,
         features: Pyfuse3Features | None = None,
+        ids: IdMapping | None = None,
     ) -> None:
         super().__init__()
+        self.ids = ids if ids is not None and not ids.is_identity else None
+        """The view's id mapping (:mod:`layerfs.fs.idmap`); None: ids shown as stored."""
         feats = features if features is not None else pyfuse3_features()
         if not self.kernel_caching:
             feats = Pyfuse3Features(cache_readdir=False, cache_symlinks=False, no_open=False)
@@ -232,11 +236,11 @@ class UnionOperations(pyfuse3.Operations):
         self.enable_no_opendir = feats.no_open
         self.index = index
         n = len(index.diff_dirs)
-        ids = list(layer_ids) if layer_ids else []
-        if ids and len(ids) != n:
-            raise ValueError(f"{len(ids)} layer ids for {n} layers")
+        lids = list(layer_ids) if layer_ids else []
+        if lids and len(lids) != n:
+            raise ValueError(f"{len(lids)} layer ids for {n} layers")
         self.layer_ids: list[bytes] = [
-            os.fsencode(ids[i]) if ids else index.diff_dirs[i] for i in range(n)
+            os.fsencode(lids[i]) if lids else index.diff_dirs[i] for i in range(n)
         ]
         self.fds = FdCache()
         self.lookups: dict[int, int] = {}
@@ -311,8 +315,12 @@ class UnionOperations(pyfuse3.Operations):
         ea.attr_timeout = TIMEOUT
         ea.st_mode = idx.mode[row]
         ea.st_nlink = idx.nlink[row]
-        ea.st_uid = idx.uid[row]
-        ea.st_gid = idx.gid[row]
+        if self.ids is None:
+            ea.st_uid = idx.uid[row]
+            ea.st_gid = idx.gid[row]
+        else:
+            ea.st_uid = self.ids.shown_uid(idx.uid[row])
+            ea.st_gid = self.ids.shown_gid(idx.gid[row])
         ea.st_rdev = idx.rdev[row]
         ea.st_size = idx.size[row]
         ea.st_blocks = idx.blocks[row]
