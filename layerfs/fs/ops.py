@@ -204,6 +204,10 @@ class UnionOperations(pyfuse3.Operations):
 
     Errors: see :func:`guard_handlers`; no handler can end the daemon.
 
+    Unreadable directories (:attr:`UnionIndex.sealed`, a layer dir the index builder could
+    not list): the entry itself is answered, lookups and listings below it are EACCES, as
+    kernel overlayfs answers with its mounter's credentials.
+
     Xattrs: ``trusted.*`` names are listed and returned only to callers with CAP_SYS_ADMIN,
     as the kernel does for the layer files themselves (and so kernel overlayfs does too).
     """
@@ -342,6 +346,8 @@ class UnionOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if parent_inode in self.index.sealed and name not in (b".", b".."):
+            raise pyfuse3.FUSEError(errno.EACCES)
         ino = self.index.lookup(parent_inode, name)
         if ino is None:
             return self._negative
@@ -375,6 +381,8 @@ class UnionOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if not stat.S_ISDIR(self.index.mode[row]):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if inode in self.index.sealed:
+            raise pyfuse3.FUSEError(errno.EACCES)
         if self.features.cache_readdir:
             return pyfuse3.FileInfo(fh=inode, keep_cache=True, cache_readdir=True)
         return inode
@@ -382,6 +390,8 @@ class UnionOperations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # offsets: 0 ".", 1 "..", 2 + i the i-th child in name order; next_id = offset + 1
         idx = self.index
+        if fh in idx.sealed:
+            raise pyfuse3.FUSEError(errno.EACCES)
         if start_id < 2:
             row = idx.row_of(fh)
             if row is None:

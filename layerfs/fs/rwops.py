@@ -361,6 +361,8 @@ class RWOperations(pyfuse3.Operations):
     def _child_lower(self, pnode: Node, name: bytes) -> int | None:
         if pnode.lower is None or self.lower is None:
             return None
+        if pnode.lower in self.lower.sealed:
+            raise _err(errno.EACCES)  # a lower dir the index could not read: as the kernel
         return self.lower.lookup(pnode.lower, name)
 
     def _lower_is_dir(self, lino: int | None) -> bool:
@@ -507,6 +509,8 @@ class RWOperations(pyfuse3.Operations):
         entries, wh = self.up.listdir(rel)
         names = set(entries)
         if node.lower is not None and self.lower is not None:
+            if node.lower in self.lower.sealed:
+                raise _err(errno.EACCES)
             for name, _ in self.lower.children(node.lower):
                 if name not in wh and name not in names:
                     names.add(name)
