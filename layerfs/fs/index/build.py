@@ -90,11 +90,15 @@ class LayerPin:
     index_path: str | None = None
 
 
-def _read_xattrs(path: bytes) -> tuple[int, bytes | None, tuple[tuple[bytes, bytes], ...]]:
+def _read_xattrs(
+    path: bytes, sealed: bool = False
+) -> tuple[int, bytes | None, tuple[tuple[bytes, bytes], ...]]:
     """(marker flags, redirect value, other xattrs) of *path* (not followed).
 
     Raises LayerReadError naming the path when an xattr cannot be read (other than "not
-    supported"/"vanished"): a marker read as absent could expose hidden entries."""
+    supported"/"vanished"): a marker read as absent could expose hidden entries. Of a
+    *sealed* directory (nothing below it is answered) an xattr it may not read (``user.*``
+    needs read permission) is left out."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as e:
@@ -112,6 +116,8 @@ def _read_xattrs(path: bytes) -> tuple[int, bytes | None, tuple[tuple[bytes, byt
             value = os.getxattr(path, nb, follow_symlinks=False)
         except OSError as e:
             if e.errno in (errno.ENODATA, errno.ENOTSUP):
+                continue
+            if sealed and e.errno == errno.EACCES:
                 continue
             raise LayerReadError(
                 f"cannot read xattr {os.fsdecode(nb)} of {os.fsdecode(path)}: "
@@ -155,25 +161,30 @@ def walk_diff(diff_dir: str | bytes) -> Iterator[Entry]:
             link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
         except OSError as e:
             raise LayerReadError(f"cannot read {os.fsdecode(path)}: {e.strerror}") from None
-        flags, redirect, xattrs = _read_xattrs(path)
-        if st.st_dev != root_dev:
-            flags |= F_OTHER_DEV
-        if stat.S_ISDIR(st.st_mode):
-            if redirect:
-                flags |= F_REDIRECT
-                link = redirect
+        is_dir = stat.S_ISDIR(st.st_mode)
+        sealed = False
+        if is_dir:
             if check_access and not os.access(
                 path, os.R_OK | os.X_OK, effective_ids=True, follow_symlinks=False
             ):
-                flags |= F_SEALED
+                sealed = True
             else:
                 try:
                     with os.scandir(path) as it:
                         stack += [rel + b"/" + e.name if rel else e.name for e in it]
                 except PermissionError:
-                    flags |= F_SEALED
+                    sealed = True
                 except OSError as e:
                     raise LayerReadError(f"cannot list {os.fsdecode(path)}: {e.strerror}") from None
+        flags, redirect, xattrs = _read_xattrs(path, sealed)
+        if sealed:
+            flags |= F_SEALED
+        if st.st_dev != root_dev:
+            flags |= F_OTHER_DEV
+        if is_dir:
+            if redirect:
+                flags |= F_REDIRECT
+                link = redirect
         else:
             redirect = None
         yield Entry(

@@ -1,0 +1,152 @@
+"""Views for a user who is not root (issue 11 item 4 and the table's rows 5, 7 and "index
+built in one namespace, read in another").
+
+* A subtree the user may not read (a 0700 dir owned by a subuid) does not fail the mount:
+  the dir is listed with its attributes, and EACCES comes exactly where the oracle gives it
+  (fuse-overlayfs as the same user outside any namespace; kernel overlayfs mounted inside
+  ``podman unshare``, where a dir owned by an unmapped id is the unreadable one).
+* An index built inside ``podman unshare`` is never served outside it (and the reverse):
+  each namespace sees the owners ``stat`` shows it.
+* Inside ``podman unshare``, a view of podman's own store is usable by uid 1000 of the
+  namespace without ``--allow-other`` (allow_other is the default there, as fuse-overlayfs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from idmap_helpers import PROG, REPO
+from rootless_helpers import RootlessUser, rootless_user  # noqa: F401  (fixture)
+
+from conftest import require
+from fs_helpers import Layer, require_fuse_overlayfs, require_kernel_overlay
+
+pytestmark = [pytest.mark.root, pytest.mark.fuse]
+
+PROBE = str(Path(__file__).with_name("view_probe.py"))
+ENV = {"PYTHONPATH": str(REPO)}
+ALSO = "partial/g:partial/inner/f:partial/inner:merged/low_f:secret"
+
+
+@pytest.fixture
+def base(rootless_user: RootlessUser, request: pytest.FixtureRequest) -> Iterator[Path]:  # noqa: F811
+    """A fresh dir in the user's home (the pytest tmp dir is root's, 0700)."""
+    d = rootless_user.home / f"rv-{request.node.name[:40]}".replace("[", "-").replace("]", "")
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    os.chown(d, rootless_user.uid, rootless_user.gid)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _tree(base: Path, owner: int, sealed_owner: int) -> list[str]:
+    """Two layers; ``partial`` (lower only) and the lower part of ``merged`` are 0700 dirs
+    owned by *sealed_owner*; ``secret`` is a 0600 file of that owner; the rest is *owner*'s."""
+    low = Layer(base / "low")
+    low.file("etc/os", b"low\n", uid=owner, gid=owner).dir("etc", uid=owner, gid=owner)
+    low.file("pub/f", b"pub", uid=owner, gid=owner).dir("pub", uid=owner, gid=owner)
+    low.file("partial/g", b"g", uid=sealed_owner, gid=sealed_owner)
+    low.file("partial/inner/f", b"f", uid=sealed_owner, gid=sealed_owner)
+    low.dir("partial/inner", uid=sealed_owner, gid=sealed_owner)
+    low.dir("partial", mode=0o700, uid=sealed_owner, gid=sealed_owner)
+    low.file("merged/low_f", b"l", uid=sealed_owner, gid=sealed_owner)
+    low.dir("merged", mode=0o700, uid=sealed_owner, gid=sealed_owner)
+    low.file("secret", b"s", mode=0o600, uid=sealed_owner, gid=sealed_owner)
+    low.finish()
+    top = Layer(base / "top")
+    top.file("etc/os", b"top\n", uid=owner, gid=owner).dir("etc", uid=owner, gid=owner)
+    top.file("merged/top_f", b"t", uid=owner, gid=owner).dir("merged", uid=owner, gid=owner)
+    top.finish()
+    for d in (base / "low", base / "top"):
+        os.chown(d, owner, owner)
+    return [str(base / "top"), str(base / "low")]
+
+
+def _probe(user: RootlessUser, *roots: str, prefix: tuple[str, ...] = ()) -> dict[str, dict]:  # type: ignore[type-arg]
+    r = user.run([*prefix, "python", PROBE, *roots], env={**ENV, "VIEW_PROBE_ALSO": ALSO})
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def _check_degraded(view: dict[str, dict], oracle: dict[str, dict]) -> None:  # type: ignore[type-arg]
+    assert view == oracle
+    assert isinstance(view["partial"]["stat"], list)  # the dir itself is listed ...
+    assert view["partial"]["list"] == "EACCES"  # ... but not its contents
+    assert view["partial/g"]["stat"] == "EACCES"
+    assert view["partial/inner/f"]["stat"] == "EACCES"
+    assert view["pub/f"]["data"] == oracle["pub/f"]["data"]
+    assert "partial" in view[""]["list"]
+
+
+def test_unreadable_subtree_as_plain_user(rootless_user: RootlessUser, base: Path) -> None:  # noqa: F811
+    """Outside any namespace: the subuid's 0700 dir cannot be read by the user; the mount
+    works and answers like fuse-overlayfs mounted by the same user on the same dirs."""
+    require_fuse_overlayfs()
+    u = rootless_user
+    lowers = _tree(base, u.uid, u.sub_start + 1)
+    opts = "lowerdir=" + ":".join(lowers)
+    mnts = {}
+    for name in ("lf", "fo"):
+        mnts[name] = base / name
+        mnts[name].mkdir()
+        os.chown(mnts[name], u.uid, u.gid)
+    try:
+        r = u.run([PROG, "-o", opts, str(mnts["lf"])], env=ENV)
+        assert r.returncode == 0, r.stderr
+        r = u.run(["fuse-overlayfs", "-o", opts, str(mnts["fo"])])
+        require(r.returncode == 0, f"fuse-overlayfs as {u.name}: {r.stderr.strip()}")
+        got = _probe(u, str(mnts["lf"]), str(mnts["fo"]))
+    finally:
+        for m in mnts.values():
+            u.run(["fusermount3", "-u", str(m)])
+    view, oracle = got[str(mnts["lf"])], got[str(mnts["fo"])]
+    assert view["secret"]["data"] == "EACCES"
+    # a merged dir whose lower part is unreadable: fuse-overlayfs silently shows the upper
+    # part only; kernel overlayfs answers EACCES (test below), and so does layerfs
+    assert view.pop("merged")["list"] == "EACCES" and oracle.pop("merged")["list"] == ["top_f"]
+    assert view.pop("merged/low_f")["stat"] == "EACCES"
+    assert oracle.pop("merged/low_f")["stat"] == "ENOENT"
+    oracle.pop("merged/top_f")
+    _check_degraded(view, oracle)
+
+
+def _in_namespace(user: RootlessUser, script: str) -> subprocess.CompletedProcess[str]:
+    return user.run(["podman", "unshare", "sh", "-c", script], env=ENV, timeout=300)
+
+
+def test_unreadable_subtree_inside_podman_unshare(
+    rootless_user: RootlessUser,  # noqa: F811
+    base: Path,
+) -> None:
+    """Inside the user's namespace the user is root, but a 0700 dir owned by an unmapped id
+    (host root) stays unreadable: kernel overlayfs mounted there is the oracle."""
+    require_kernel_overlay()
+    u = rootless_user
+    lowers = _tree(base, u.uid, 0)
+    opts = "lowerdir=" + ":".join(lowers)
+    k, lf = base / "kernel", base / "lf"
+    for m in (k, lf):
+        m.mkdir()
+        os.chown(m, u.uid, u.gid)
+    out = base / "probe.json"
+    script = (
+        f"trap 'umount {k} 2>/dev/null; umount {lf} 2>/dev/null' EXIT; set -e; "
+        f"mount -t overlay overlay -o {opts} {k}; "
+        f"{PROG} -o {opts} {lf}; "
+        f"VIEW_PROBE_ALSO={ALSO} python {PROBE} {k} {lf} > {out}"
+    )
+    r = _in_namespace(u, script)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())
+    view, oracle = got[str(lf)], got[str(k)]
+    assert view["secret"]["stat"][2] == 65534  # host root is not mapped: the overflow id
+    assert view["merged"]["list"] == "EACCES" and view["merged/low_f"]["stat"] == "EACCES"
+    _check_degraded(view, oracle)
