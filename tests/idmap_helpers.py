@@ -87,3 +87,60 @@ def owners(root: str) -> dict[str, tuple[int, int]]:
             st = os.lstat(p)
             out[rel] = (st.st_uid, st.st_gid)
     return out
+
+
+# -- a small image for rootless podman ---------------------------------------------------------
+
+PODMAN_FLAGS = ["--runtime", "runc", "--cgroup-manager", "cgroupfs", "--events-backend", "file"]
+RUN_FLAGS = ["--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+BUSYBOX = "/usr/bin/busybox"
+APPLETS = ("sh", "ls", "cat", "echo", "mkdir", "rm", "mv", "chown", "touch", "stat", "id")
+
+
+def busybox_rootfs_tar(path: Path) -> Path:
+    """A tar of a tiny rootfs: busybox-static and its applets, with entries owned by several
+    container ids (0, 1, 42, 1000) and a 0700 dir of uid 1000 (``home/u``)."""
+    import io
+    import tarfile
+
+    require(os.path.exists(BUSYBOX), "busybox-static is not installed")
+
+    def add(
+        tf: tarfile.TarFile,
+        name: str,
+        kind: bytes,
+        mode: int,
+        uid: int = 0,
+        gid: int = 0,
+        data: bytes = b"",
+        link: str = "",
+    ) -> None:
+        ti = tarfile.TarInfo(name)
+        ti.type, ti.mode, ti.uid, ti.gid, ti.mtime = kind, mode, uid, gid, 1_600_000_000
+        ti.linkname = link
+        ti.size = len(data) if kind == tarfile.REGTYPE else 0
+        tf.addfile(ti, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+    with open(BUSYBOX, "rb") as f:
+        busybox = f.read()
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        for d in ("bin", "etc", "tmp", "home", "var", "var/lib"):
+            add(tf, d, tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755)
+        add(tf, "bin/busybox", tarfile.REGTYPE, 0o755, data=busybox)
+        for a in APPLETS:
+            add(tf, f"bin/{a}", tarfile.SYMTYPE, 0o777, link="busybox")
+        add(
+            tf,
+            "etc/passwd",
+            tarfile.REGTYPE,
+            0o644,
+            data=b"root:x:0:0::/:/bin/sh\n"
+            b"daemon:x:1:1::/:/bin/sh\nu:x:1000:1000::/home/u:/bin/sh\n",
+        )
+        add(tf, "etc/group", tarfile.REGTYPE, 0o644, data=b"root:x:0:\nshadow:x:42:\n")
+        add(tf, "etc/shadow", tarfile.REGTYPE, 0o640, 0, 42, data=b"root:*::0:::::\n")
+        add(tf, "var/lib/daemon", tarfile.DIRTYPE, 0o755, 1, 1)
+        add(tf, "var/lib/daemon/state", tarfile.REGTYPE, 0o644, 1, 1, data=b"d\n")
+        add(tf, "home/u", tarfile.DIRTYPE, 0o700, 1000, 1000)
+        add(tf, "home/u/notes", tarfile.REGTYPE, 0o600, 1000, 1000, data=b"private\n")
+    return path

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from idmap_helpers import PROG, REPO
+from idmap_helpers import PODMAN_FLAGS, PROG, REPO, busybox_rootfs_tar
 from rootless_helpers import RootlessUser, rootless_user  # noqa: F401  (fixture)
 
 from conftest import require
@@ -150,3 +150,104 @@ def test_unreadable_subtree_inside_podman_unshare(
     assert view["secret"]["stat"][2] == 65534  # host root is not mapped: the overflow id
     assert view["merged"]["list"] == "EACCES" and view["merged/low_f"]["stat"] == "EACCES"
     _check_degraded(view, oracle)
+
+
+# -- podman's own store ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def podman_image(rootless_user: RootlessUser) -> Iterator[dict[str, str]]:  # noqa: F811
+    """A busybox image imported by the user's rootless podman: its store, run root and
+    top layer."""
+    u = rootless_user
+    tar = busybox_rootfs_tar(u.home / "rv-rootfs.tar")
+    os.chown(tar, u.uid, u.gid)
+    ref = "localhost/lfs-rv:1"
+    r = u.run(["podman", *PODMAN_FLAGS, "import", str(tar), ref], timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = u.run(
+        ["podman", *PODMAN_FLAGS, "image", "inspect", "-f", "{{.GraphDriver.Data.UpperDir}}", ref]
+    )
+    assert r.returncode == 0, r.stderr
+    upper = r.stdout.strip()
+    try:
+        yield {
+            "root": str(u.home / ".local/share/containers/storage"),
+            "runroot": str(u.runtime_dir / "containers"),
+            "layer": Path(upper).parent.name,
+            "diff": upper,
+            "ref": ref,
+        }
+    finally:
+        u.run(["podman", *PODMAN_FLAGS, "rmi", "-f", ref])
+        tar.unlink(missing_ok=True)
+
+
+def _layerfs(img: dict[str, str], *args: str) -> list[str]:
+    return ["layerfs", "--root", img["root"], "--runroot", img["runroot"], *args]
+
+
+def _ls_owners(user: RootlessUser, img: dict[str, str], path: str, ns: bool) -> dict[str, str]:
+    prefix = ["podman", "unshare"] if ns else []
+    r = user.run([*prefix, *_layerfs(img, "ls", "--json", img["layer"], path)], env=ENV)
+    assert r.returncode == 0, r.stderr
+    return {e["name"]: f"{e['uid']}:{e['gid']}" for e in json.loads(r.stdout)}
+
+
+def _stat_owners(user: RootlessUser, img: dict[str, str], path: str, ns: bool) -> dict[str, str]:
+    prefix = ["podman", "unshare"] if ns else []
+    d = img["diff"] + path
+    r = user.run([*prefix, "sh", "-c", f"cd {d} && stat -c '%n %u:%g' *"])
+    assert r.returncode == 0, r.stderr
+    return dict(line.split() for line in r.stdout.splitlines())
+
+
+def test_index_built_in_one_namespace_read_in_another(
+    rootless_user: RootlessUser,  # noqa: F811
+    podman_image: dict[str, str],
+) -> None:
+    """The layer is pinned (podman recorded its digest), so ``layerfs ls`` saves its index
+    beside it. Built inside ``podman unshare`` and then read outside (and back), each
+    namespace sees the owners ``stat`` shows it there, never the other namespace's."""
+    u, img = rootless_user, podman_image
+    index = Path(img["diff"]).parent / "layerfs.index"
+    index.unlink(missing_ok=True)
+    for ns in (True, False, True, False):
+        for path in ("/etc", "/var/lib", "/home"):
+            assert _ls_owners(u, img, path, ns) == _stat_owners(u, img, path, ns), (ns, path)
+        if ns:
+            assert index.exists()  # built and saved inside (everything readable there)
+    inside = _ls_owners(u, img, "/etc", True)
+    outside = _ls_owners(u, img, "/etc", False)
+    assert inside["shadow"] == "0:42"
+    assert outside["shadow"] == f"{u.uid}:{u.sub_start + 41}"
+    home_out = _ls_owners(u, img, "/home", False)
+    assert home_out["u"] == f"{u.sub_start + 999}:{u.sub_start + 999}"
+
+
+def test_view_inside_podman_unshare_serves_other_uids(
+    rootless_user: RootlessUser,  # noqa: F811
+    podman_image: dict[str, str],
+) -> None:
+    """Row 7: inside ``podman unshare``, a view of podman's store mounted without
+    ``--allow-other`` is usable by uid 1000 of the namespace (allow_other is the default
+    there, with default_permissions: uid 1000 reads its own 0700 dir, not root's shadow)."""
+    u, img = rootless_user, podman_image
+    mnt = u.home / "rv-row7"
+    mnt.mkdir(exist_ok=True)
+    os.chown(mnt, u.uid, u.gid)
+    as_1000 = "setpriv --reuid=1000 --regid=1000 --clear-groups"
+    script = (
+        f"set -e; {' '.join(_layerfs(img, 'mount', img['layer'], str(mnt)))} >/dev/null; "
+        f"trap '{' '.join(_layerfs(img, 'unmount', str(mnt)))} >/dev/null' EXIT; "
+        f"{as_1000} cat {mnt}/home/u/notes; {as_1000} ls {mnt}/etc; "
+        f"if {as_1000} cat {mnt}/etc/shadow 2>/dev/null; then echo shadow-readable; fi; "
+        f"grep ' {mnt} ' /proc/self/mountinfo"
+    )
+    r = _in_namespace(u, script)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "private"
+    assert "passwd" in lines[1:-1] and "shadow-readable" not in lines
+    assert "allow_other" in lines[-1] and "default_permissions" in lines[-1]
+    shutil.rmtree(mnt, ignore_errors=True)

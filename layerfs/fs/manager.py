@@ -75,6 +75,7 @@ from layerfs.store.lockfile import LockFile
 from layerfs.store.mounts import MountRecord
 from layerfs.store.pending import DaemonRecord
 from layerfs.store.record import WRITEABLE_FLAG
+from layerfs.userns import in_user_namespace
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +371,13 @@ class MountManager:
 
         *read_write*: None mounts a writable layer read-write and any other read-only; True
         insists on read-write (refused for a layer that is not writable); False asks for a
-        read-only view (private for a writable layer)."""
+        read-only view (private for a writable layer).
+
+        *allow_other* is always on for root of a user namespace (``podman unshare``), as
+        fuse-overlayfs has it: the namespace's other uids (a container's) can use the view,
+        and the kernel checks their permissions (``default_permissions``)."""
+        if os.geteuid() == 0 and in_user_namespace():
+            allow_other = True
         layer_id = self.resolve(target)
         plan = self.plan(layer_id, read_write)
         private = plan.private
