@@ -94,7 +94,22 @@ def owners(root: str) -> dict[str, tuple[int, int]]:
 PODMAN_FLAGS = ["--runtime", "runc", "--cgroup-manager", "cgroupfs", "--events-backend", "file"]
 RUN_FLAGS = ["--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 BUSYBOX = "/usr/bin/busybox"
-APPLETS = ("sh", "ls", "cat", "echo", "mkdir", "rm", "mv", "chown", "touch", "stat", "id")
+APPLETS = (
+    "sh",
+    "ls",
+    "cat",
+    "echo",
+    "mkdir",
+    "rm",
+    "mv",
+    "chown",
+    "touch",
+    "stat",
+    "id",
+    "find",
+    "grep",
+    "sort",
+)
 
 
 def busybox_rootfs_tar(path: Path) -> Path:

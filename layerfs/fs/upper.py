@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import itertools
+import logging
 import os
 import shutil
 import stat
@@ -42,6 +43,8 @@ from layerfs.overlayfmt import (
     opaque_marker_file,
     opaque_xattrs,
 )
+
+log = logging.getLogger(__name__)
 
 LOWER_LINKS_XATTR = LAYERFS_PREFIX + b"lowerlinks"
 """On an upper dir made only as the parent of a copied-up hard-link group member (where kernel
@@ -252,23 +255,38 @@ class Upper:
     def mark_lower_links(self, rel: bytes) -> None:
         p = self.path(rel)
         mtime = os.lstat(p).st_mtime_ns
-        os.setxattr(p, LOWER_LINKS_XATTR, str(mtime).encode(), follow_symlinks=False)
+        _set_bookkeeping(p, LOWER_LINKS_XATTR, str(mtime).encode())
 
     def drop_lower_links(self, rel: bytes) -> None:
         try:
             os.removexattr(self.path(rel), LOWER_LINKS_XATTR, follow_symlinks=False)
         except OSError as e:
-            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT, errno.ENOTDIR):
+            # EPERM: trusted.* in a user namespace, where no such mark can have been set
+            if e.errno not in (
+                errno.ENODATA,
+                errno.ENOTSUP,
+                errno.ENOENT,
+                errno.ENOTDIR,
+                errno.EPERM,
+            ):
                 raise
 
     def set_origin(self, path: bytes, ino: int) -> None:
-        os.setxattr(path, ORIGIN_XATTR, str(ino).encode(), follow_symlinks=False)
+        _set_bookkeeping(path, ORIGIN_XATTR, str(ino).encode())
 
     def mark_opaque(self, path: bytes) -> None:
         """Mark the directory at absolute *path* opaque in the view's format."""
-        for k, v in opaque_xattrs(self.fmt):
-            os.setxattr(path, k, v, follow_symlinks=False)
         marker = opaque_marker_file(self.fmt)
+        for k, v in opaque_xattrs(self.fmt):
+            try:
+                os.setxattr(path, k, v, follow_symlinks=False)
+            except PermissionError:
+                # trusted.* in a user namespace: the marker file is enough (aufs), else the
+                # user.* form rootless overlayfs (userxattr) and containers/storage read
+                if marker is None and k.startswith(b"trusted."):
+                    os.setxattr(path, b"user." + k[8:], v, follow_symlinks=False)
+                elif marker is None:
+                    raise
         if marker is not None:
             fd = os.open(
                 path + b"/" + marker, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, OPAQUE_MARKER_MODE
@@ -466,3 +484,14 @@ class Upper:
         else:
             os.mknod(tmp, stat.S_IFMT(mode) | 0o600, rdev)
         return tmp
+
+
+def _set_bookkeeping(path: bytes, name: bytes, value: bytes) -> None:
+    """Set one of the view's own ``trusted.layerfs.*`` marks. In a user namespace (rootless
+    podman runs the mount program there) ``trusted.*`` cannot be set: the mark is then left
+    out (EPERM), and the view does without it (a copied-up entry takes its upper inode
+    number; a hard-link group's parent dirs show a link count of 1 after remount)."""
+    try:
+        os.setxattr(path, name, value, follow_symlinks=False)
+    except PermissionError:
+        log.debug("cannot set %s on %s (user namespace): left out", name, path)
