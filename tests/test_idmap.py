@@ -5,6 +5,7 @@ dirs (read-only trees, and ids written to disk through a read-write view)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from idmap_helpers import fuse_overlayfs_with, layerfs_overlay, overlay_options, owners
 
+from conftest import LayerfsCLI, StorePaths
 from fs_helpers import Layer, assert_same_tree, require_fuse, snapshot
 from layerfs.fs.idmap import IdMapping, IdMappingError, Range, from_options, parse_mapping
 from layerfs.fs.mountprog import UsageError, check, parse
@@ -178,3 +180,57 @@ def test_read_write_view_writes_mapped_back_ids(tmp_path: Path, mapping: str) ->
         assert disk["made/f"] == (65534, 65534)  # 5:6 is no shown id: the overflow id
         assert disk["etc/b"] == (1009, 0)
         assert disk["etc/c"] == (999, 998)
+
+
+# -- layerfs mount ----------------------------------------------------------------------------
+
+
+def _owned_tar() -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, uid, gid in (("a", 0, 0), ("b", 1, 2), ("c", 1000, 1000), ("d", 70000, 7)):
+            ti = tarfile.TarInfo(name)
+            ti.uid, ti.gid, ti.size, ti.mtime = uid, gid, 1, 1_700_000_000
+            tf.addfile(ti, io.BytesIO(b"x"))
+    return buf.getvalue()
+
+
+def test_layerfs_mount_with_mapping(cli: LayerfsCLI, paths: StorePaths) -> None:
+    """``layerfs mount --uidmapping/--gidmapping/--squash-*``: ids as fuse-overlayfs shows
+    them; a mapped read-only view is private (never in mountpoints.json) and shared only
+    with a request for the same mapping; a bad mapping is one line, nothing mounted."""
+    require_fuse()
+    cli.run("import-layer", "--name", "own", input=_owned_tar())
+    mapping = ["--uidmapping", ":0:100000:65536", "--gidmapping", "0:200000:1000"]
+    path = cli.run("mount", *mapping, "own").stdout.decode().strip()
+    try:
+        assert path.startswith(paths.runroot)  # private: Go never hands it out
+        mp = os.path.join(paths.root, "overlay-layers", "mountpoints.json")
+        assert not os.path.exists(mp) or json.load(open(mp)) in ([], None, {})
+        got = {n: (os.lstat(f"{path}/{n}").st_uid, os.lstat(f"{path}/{n}").st_gid) for n in "abcd"}
+        assert got == {
+            "a": (100000, 200000),
+            "b": (100001, 200002),
+            "c": (101000, 65534),
+            "d": (65534, 200007),
+        }
+        assert cli.run("mount", *mapping, "own").stdout.decode().strip() == path  # shared
+        r = cli.run("mount", "own", check=False)
+        assert r.returncode == 1
+        assert b"uidmapping=:0:100000:65536" in r.stderr and len(r.stderr.splitlines()) == 1
+    finally:
+        cli.run("unmount", "--force", "own", check=False)
+    path = cli.run("mount", "--squash-to-root", "--squash-to-gid", "5", "own").stdout.decode()
+    try:
+        st = os.lstat(f"{path.strip()}/d")
+        assert (st.st_uid, st.st_gid) == (0, 5)
+    finally:
+        cli.run("unmount", "own")
+    r = cli.run("mount", "--uidmapping", "0:1", "own", check=False)
+    assert r.returncode == 1
+    assert r.stderr.decode().splitlines() == [
+        "layerfs: uidmapping=0:1: fields must come in STORED:SHOWN:LEN triples"
+    ]
