@@ -47,12 +47,13 @@ def base(rootless_user: RootlessUser, request: pytest.FixtureRequest) -> Iterato
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _tree(base: Path, owner: int, sealed_owner: int) -> list[str]:
+def _tree(base: Path, owner: int, group: int, sealed_owner: int) -> list[str]:
     """Two layers; ``partial`` (lower only) and the lower part of ``merged`` are 0700 dirs
-    owned by *sealed_owner*; ``secret`` is a 0600 file of that owner; the rest is *owner*'s."""
+    owned by *sealed_owner*; ``secret`` is a 0600 file of that owner; the rest is
+    *owner*:*group*'s."""
     low = Layer(base / "low")
-    low.file("etc/os", b"low\n", uid=owner, gid=owner).dir("etc", uid=owner, gid=owner)
-    low.file("pub/f", b"pub", uid=owner, gid=owner).dir("pub", uid=owner, gid=owner)
+    low.file("etc/os", b"low\n", uid=owner, gid=group).dir("etc", uid=owner, gid=group)
+    low.file("pub/f", b"pub", uid=owner, gid=group).dir("pub", uid=owner, gid=group)
     low.file("partial/g", b"g", uid=sealed_owner, gid=sealed_owner)
     low.file("partial/inner/f", b"f", uid=sealed_owner, gid=sealed_owner)
     low.dir("partial/inner", uid=sealed_owner, gid=sealed_owner)
@@ -62,11 +63,11 @@ def _tree(base: Path, owner: int, sealed_owner: int) -> list[str]:
     low.file("secret", b"s", mode=0o600, uid=sealed_owner, gid=sealed_owner)
     low.finish()
     top = Layer(base / "top")
-    top.file("etc/os", b"top\n", uid=owner, gid=owner).dir("etc", uid=owner, gid=owner)
-    top.file("merged/top_f", b"t", uid=owner, gid=owner).dir("merged", uid=owner, gid=owner)
+    top.file("etc/os", b"top\n", uid=owner, gid=group).dir("etc", uid=owner, gid=group)
+    top.file("merged/top_f", b"t", uid=owner, gid=group).dir("merged", uid=owner, gid=group)
     top.finish()
     for d in (base / "low", base / "top"):
-        os.chown(d, owner, owner)
+        os.chown(d, owner, group)
     return [str(base / "top"), str(base / "low")]
 
 
@@ -91,7 +92,7 @@ def test_unreadable_subtree_as_plain_user(rootless_user: RootlessUser, base: Pat
     works and answers like fuse-overlayfs mounted by the same user on the same dirs."""
     require_fuse_overlayfs()
     u = rootless_user
-    lowers = _tree(base, u.uid, u.sub_start + 1)
+    lowers = _tree(base, u.uid, u.gid, u.sub_start + 1)
     opts = "lowerdir=" + ":".join(lowers)
     mnts = {}
     for name in ("lf", "fo"):
@@ -130,7 +131,7 @@ def test_unreadable_subtree_inside_podman_unshare(
     (host root) stays unreadable: kernel overlayfs mounted there is the oracle."""
     require_kernel_overlay()
     u = rootless_user
-    lowers = _tree(base, u.uid, 0)
+    lowers = _tree(base, u.uid, u.gid, 0)
     opts = "lowerdir=" + ":".join(lowers)
     k, lf = base / "kernel", base / "lf"
     for m in (k, lf):
@@ -251,3 +252,50 @@ def test_view_inside_podman_unshare_serves_other_uids(
     assert "passwd" in lines[1:-1] and "shadow-readable" not in lines
     assert "allow_other" in lines[-1] and "default_permissions" in lines[-1]
     shutil.rmtree(mnt, ignore_errors=True)
+
+
+def test_unreadable_subtree_read_write_inside_podman_unshare(
+    rootless_user: RootlessUser,  # noqa: F811
+    base: Path,
+) -> None:
+    """The same lowers under an upper dir (a container's view): reads as above, and creating
+    a name inside the unreadable dir is EACCES in both, beside it works in both."""
+    require_kernel_overlay()
+    u = rootless_user
+    lowers = _tree(base, u.uid, u.gid, 0)
+    dirs = []
+    for name in ("kernel", "lf"):
+        for sub in ("mnt", "upper", "work"):
+            d = base / name / sub
+            d.mkdir(parents=True)
+            os.chown(d, u.uid, u.gid)
+        os.chown(base / name, u.uid, u.gid)
+        dirs.append(base / name)
+    k, lf = dirs
+
+    def opts(d: Path) -> str:
+        return f"lowerdir={':'.join(lowers)},upperdir={d}/upper,workdir={d}/work"
+
+    out = base / "probe.json"
+    touches = " ".join(
+        f"if touch {d}/mnt/{p} 2>>{base}/touch.err; then echo {d.name}:{p}:ok; "
+        f"else echo {d.name}:{p}:refused; fi;"
+        for d in (k, lf)
+        for p in ("pub/new", "partial/new", "merged/new")
+    )
+    script = (
+        f"trap 'umount {k}/mnt 2>/dev/null; umount {lf}/mnt 2>/dev/null' EXIT; set -e; "
+        f"mount -t overlay overlay -o userxattr,{opts(k)} {k}/mnt; "
+        f"{PROG} -o {opts(lf)} {lf}/mnt; {touches} "
+        f"VIEW_PROBE_ALSO={ALSO} python {PROBE} {k}/mnt {lf}/mnt > {out}"
+    )
+    r = _in_namespace(u, script)
+    assert r.returncode == 0, r.stderr
+    said: dict[str, set[str]] = {"kernel": set(), "lf": set()}
+    for line in r.stdout.split():
+        who, what = line.split(":", 1)
+        said[who].add(what)
+    assert said["lf"] == said["kernel"], (base / "touch.err").read_text()
+    assert "lf:pub/new:ok" in r.stdout.split() and "lf:partial/new:refused" in r.stdout.split()
+    got = json.loads(out.read_text())
+    _check_degraded(got[f"{lf}/mnt"], got[f"{k}/mnt"])
