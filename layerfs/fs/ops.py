@@ -230,6 +230,8 @@ class UnionOperations(pyfuse3.Operations):
         super().__init__()
         self.ids = ids if ids is not None and not ids.is_identity else None
         """The view's id mapping (:mod:`layerfs.fs.idmap`); None: ids shown as stored."""
+        self._uids: dict[int, int] = {}
+        self._gids: dict[int, int] = {}
         feats = features if features is not None else pyfuse3_features()
         if not self.kernel_caching:
             feats = Pyfuse3Features(cache_readdir=False, cache_symlinks=False, no_open=False)
@@ -323,8 +325,8 @@ class UnionOperations(pyfuse3.Operations):
             ea.st_uid = idx.uid[row]
             ea.st_gid = idx.gid[row]
         else:
-            ea.st_uid = self.ids.shown_uid(idx.uid[row])
-            ea.st_gid = self.ids.shown_gid(idx.gid[row])
+            ea.st_uid = self._shown(self._uids, self.ids.shown_uid, idx.uid[row])
+            ea.st_gid = self._shown(self._gids, self.ids.shown_gid, idx.gid[row])
         ea.st_rdev = idx.rdev[row]
         ea.st_size = idx.size[row]
         ea.st_blocks = idx.blocks[row]
@@ -333,6 +335,17 @@ class UnionOperations(pyfuse3.Operations):
         ea.st_mtime_ns = idx.mtime[row]
         ea.st_ctime_ns = idx.ctime[row]
         return ea
+
+    @staticmethod
+    def _shown(memo: dict[int, int], fn: Callable[[int], int], stored: int) -> int:
+        """*fn(stored)*, remembered: a tree has few distinct ids, and a walk asks for them
+        once per entry (bounded, so a hostile layer cannot grow it without end)."""
+        shown = memo.get(stored)
+        if shown is None:
+            shown = fn(stored)
+            if len(memo) < 1 << 16:
+                memo[stored] = shown
+        return shown
 
     def _count(self, ino: int) -> None:
         self.lookups[ino] = self.lookups.get(ino, 0) + 1
