@@ -30,7 +30,9 @@ from fs_helpers import Layer, require_fuse_overlayfs, require_kernel_overlay
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
 PROBE = str(Path(__file__).with_name("view_probe.py"))
-ENV = {"PYTHONPATH": str(REPO)}
+ENV = {"PYTHONPATH": str(REPO), "LAYERFS_USERNS": "host"}
+"""``LAYERFS_USERNS=host``: layerfs run as the plain user stays outside the user namespace
+(once layerfs enters it by itself for store commands, the outside case needs asking for)."""
 ALSO = "partial/g:partial/inner/f:partial/inner:merged/low_f:secret"
 
 
