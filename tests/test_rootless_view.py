@@ -301,3 +301,47 @@ def test_unreadable_subtree_read_write_inside_podman_unshare(
     assert "lf:pub/new:ok" in r.stdout.split() and "lf:partial/new:refused" in r.stdout.split()
     got = json.loads(out.read_text())
     _check_degraded(got[f"{lf}/mnt"], got[f"{k}/mnt"])
+
+
+def test_copy_up_of_unmapped_owner_is_eoverflow(tmp_path: Path) -> None:
+    """In a user namespace mapping only root (``unshare -r``; 65534 is not mapped), a lower
+    file of an unmapped owner cannot be written (copied up): kernel overlayfs says EOVERFLOW,
+    the FUSE view EACCES (the kernel itself refuses writes to an inode whose reported owner
+    has no mapping, before asking the daemon); a file of a mapped owner can."""
+    require_kernel_overlay()
+    low = Layer(tmp_path / "low")
+    low.file("far", b"f", mode=0o666, uid=5, gid=5).file("near", b"n").finish()
+    dirs = {}
+    for name in ("kernel", "lf"):
+        for sub in ("mnt", "upper", "work"):
+            (tmp_path / name / sub).mkdir(parents=True)
+        d = tmp_path / name
+        dirs[name] = f"lowerdir={tmp_path}/low,upperdir={d}/upper,workdir={d}/work"
+    k, lf = tmp_path / "kernel" / "mnt", tmp_path / "lf" / "mnt"
+    tries = " ".join(
+        f"if sh -c 'echo x >> {m}/{f}' 2>>{tmp_path}/err; then echo {n}:{f}:ok; "
+        f"else echo {n}:{f}:refused; fi;"
+        for n, m in (("kernel", k), ("lf", lf))
+        for f in ("far", "near")
+    )
+    script = (
+        f"trap 'umount {k} 2>/dev/null; umount {lf} 2>/dev/null' EXIT; set -e; "
+        f"mount -t overlay overlay -o userxattr,{dirs['kernel']} {k}; "
+        f"{PROG} -o {dirs['lf']} {lf}; {tries}"
+    )
+    r = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV},
+    )
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.split()) == [
+        "kernel:far:refused",
+        "kernel:near:ok",
+        "lf:far:refused",
+        "lf:near:ok",
+    ], (tmp_path / "err").read_text()
+    err = (tmp_path / "err").read_text().splitlines()
+    assert err[0].endswith("kernel/mnt/far: Value too large for defined data type"), err
+    assert err[1].endswith("lf/mnt/far: Permission denied"), err
