@@ -569,6 +569,7 @@ def _mount(store: Store, args: argparse.Namespace) -> int:
         for_container=args.for_container,
         debug=args.debug,
         read_write=args.read_write,
+        id_options=_id_options(args),
     )
     if args.json:
         _print_json({"id": layer_id, "mountpoint": path, "count": count})
@@ -577,6 +578,16 @@ def _mount(store: Store, args: argparse.Namespace) -> int:
     if getattr(args, "entered_userns", False):
         _err("the view is in the rootless user namespace: see it through layerfs unshare")
     return 0
+
+
+def _id_options(args: argparse.Namespace) -> list[str]:
+    """``mount``'s id mapping flags as fuse-overlayfs options (:mod:`layerfs.fs.idmap`)."""
+    opts = [f"uidmapping={m}" for m in args.uidmapping or ()]
+    opts += [f"gidmapping={m}" for m in args.gidmapping or ()]
+    opts += ["squash_to_root"] if args.squash_to_root else []
+    opts += [f"squash_to_uid={args.squash_to_uid}"] if args.squash_to_uid is not None else []
+    opts += [f"squash_to_gid={args.squash_to_gid}"] if args.squash_to_gid is not None else []
+    return opts
 
 
 def _mount_foreground(store: Store, manager: Any, args: argparse.Namespace) -> int:
@@ -601,6 +612,8 @@ def _mount_foreground(store: Store, manager: Any, args: argparse.Namespace) -> i
         argv.append("--for-container")
     if args.debug:
         argv.append("--debug")
+    for opt in _id_options(args):
+        argv += ["--id-option", opt]
     return daemon.main(argv)
 
 
@@ -1020,6 +1033,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--for-container", action="store_true", help="keep suid/dev for a runtime")
     p.add_argument("--allow-other", action="store_true", help="let other users in")
     p.add_argument("--foreground", action="store_true", help="run the daemon here, with logs")
+    for kind in ("uid", "gid"):
+        p.add_argument(
+            f"--{kind}mapping",
+            action="append",
+            metavar="STORED:SHOWN:LEN[:...]",
+            help=f"show {kind}s mapped, as fuse-overlayfs's {kind}mapping= (the last one counts)",
+        )
+    p.add_argument("--squash-to-root", action="store_true", help="show every owner as 0:0")
+    p.add_argument("--squash-to-uid", type=int, metavar="UID", help="show every owner as UID")
+    p.add_argument("--squash-to-gid", type=int, metavar="GID", help="show every group as GID")
     p.add_argument("target", help="layer id, name or prefix, or image name")
     p.add_argument("mountpoint", nargs="?", help="default: <root>/overlay/<id>/merged")
 

@@ -35,6 +35,7 @@ import pyfuse3
 import trio
 
 from layerfs.errors import LayerfsError, describe_os_error
+from layerfs.fs.idmap import IdMapping, IdMappingError, from_options
 from layerfs.fs.index import LayerPin, open_index
 from layerfs.fs.ops import WORKER_TASKS, UnionOperations
 
@@ -254,6 +255,7 @@ def serve(
     upper_dir: str | None = None,
     work_dir: str | None = None,
     upper_layer_id: str | None = None,
+    ids: IdMapping | None = None,
 ) -> int:
     """Mount the view and serve it until unmounted or signalled. Returns an exit status.
 
@@ -264,7 +266,8 @@ def serve(
     Runs in the calling process (the CLI can call it for ``--foreground``). *pins* (one per
     diff dir) say which layers may use a persisted index; *whiteout_format* is the store's
     (:mod:`layerfs.overlayfmt`). *index_path* is obsolete and ignored (the index is per
-    layer now)."""
+    layer now). *ids*: the view's id mapping (:mod:`layerfs.fs.idmap`; None shows ids as
+    stored)."""
     ready = _Ready(ready_fd)
     ready.send(f"PID {os.getpid()}")
     stage = "check"
@@ -294,10 +297,11 @@ def serve(
                 whiteout_format=whiteout_format,
                 layer_ids=layer_ids,
                 upper_layer_id=upper_layer_id,
+                ids=ids,
             )
         else:
             assert index is not None
-            ops = UnionOperations(index, layer_ids)
+            ops = UnionOperations(index, layer_ids, ids=ids)
             log_pyfuse3_features(ops)
         writable = upper_dir is not None
         init_fuse(ops, mountpoint, mount_options(allow_other, for_container, writable))
@@ -352,6 +356,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--read-ahead-kb", type=int, default=DEFAULT_READ_AHEAD_KB)
     p.add_argument("--debug", action="store_true")
+    p.add_argument(
+        "--id-option",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="uidmapping=, gidmapping=, squash_to_root, squash_to_uid=, squash_to_gid= "
+        "(fuse-overlayfs syntax; repeatable)",
+    )
     return p.parse_args(argv)
 
 
@@ -362,6 +374,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if (a.upper_dir is None) != (a.work_dir is None):
         print("--upper and --work go together", file=sys.stderr)
+        return 2
+    try:
+        ids = from_options(a.id_option)
+    except IdMappingError as e:
+        print(e, file=sys.stderr)
         return 2
     mountpoint = os.path.abspath(a.mountpoint)
     diff_dirs = [os.path.abspath(d) for d in a.diff_dirs]
@@ -412,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         upper_dir=os.path.abspath(a.upper_dir) if a.upper_dir else None,
         work_dir=os.path.abspath(a.work_dir) if a.work_dir else None,
         upper_layer_id=a.upper_layer_id,
+        ids=ids,
     )
 
 

@@ -60,7 +60,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from filelock import FileLock, Timeout
@@ -68,6 +68,7 @@ from filelock import FileLock, Timeout
 from layerfs import procfs, userns
 from layerfs.errors import AmbiguousLayerError, InvalidArgumentError, LayerUnknownError, MountError
 from layerfs.fs import mount as fuse_mount
+from layerfs.fs.idmap import IdMappingError, from_options
 from layerfs.fs.index import chain_pins
 from layerfs.mountinfo import entries, entry_at, normalize
 from layerfs.store import pending
@@ -76,6 +77,7 @@ from layerfs.store.lockfile import LockFile
 from layerfs.store.mounts import MountRecord
 from layerfs.store.pending import DaemonRecord
 from layerfs.store.record import WRITEABLE_FLAG
+from layerfs.userns import in_user_namespace
 
 log = logging.getLogger(__name__)
 
@@ -410,15 +412,29 @@ class MountManager:
         for_container: bool = False,
         debug: bool = False,
         read_write: bool | None = None,
+        id_options: Sequence[str] = (),
     ) -> tuple[str, str, int]:
         """Mount (or add a user to) the layer's view. Returns (layer id, path, count).
 
         *read_write*: None mounts a writable layer read-write and any other read-only; True
         insists on read-write (refused for a layer that is not writable); False asks for a
-        read-only view (private for a writable layer)."""
+        read-only view (private for a writable layer).
+
+        *allow_other* is always on for root of a user namespace (``podman unshare``), as
+        fuse-overlayfs has it: the namespace's other uids (a container's) can use the view,
+        and the kernel checks their permissions (``default_permissions``).
+
+        *id_options* map ids (``uidmapping=...``, :mod:`layerfs.fs.idmap`); a mapped
+        read-only view is private (Go never hands it out: it would show foreign ids)."""
+        try:
+            from_options(id_options)
+        except IdMappingError as e:
+            raise InvalidArgumentError(str(e)) from None
+        if os.geteuid() == 0 and in_user_namespace():
+            allow_other = True
         layer_id = self.resolve(target)
         plan = self.plan(layer_id, read_write)
-        private = plan.private
+        private = plan.private or (bool(id_options) and not plan.read_write)
         wanted = DaemonRecord(
             layer_id,
             0,
@@ -427,6 +443,7 @@ class MountManager:
             allow_other=allow_other,
             read_write=plan.read_write,
             mnt_ns=userns.namespace_id("mnt") or "",
+            id_options=tuple(id_options),
         )
         with self._layer_lock(layer_id):
             view = self._repair(layer_id)
@@ -477,6 +494,7 @@ class MountManager:
                     upper_dir=plan.upper,
                     work_dir=plan.work,
                     upper_layer_id=layer_id if plan.read_write else None,
+                    id_options=id_options,
                 )
             except BaseException:
                 with self._counts() as table:
@@ -508,10 +526,11 @@ class MountManager:
                 )
 
         def same_options(live: DaemonRecord) -> None:
-            if (live.read_write, live.for_container, live.allow_other) != (
+            if (live.read_write, live.for_container, live.allow_other, live.id_options) != (
                 wanted.read_write,
                 wanted.for_container,
                 wanted.allow_other,
+                wanted.id_options,
             ):
                 raise MountError(
                     f'layer "{layer_id}" is already mounted at {live.path} with '

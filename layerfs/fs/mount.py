@@ -69,6 +69,7 @@ def spawn_daemon(
     upper_dir: str | None = None,
     work_dir: str | None = None,
     upper_layer_id: str | None = None,
+    id_options: Sequence[str] = (),
 ) -> int:
     """Start a daemon serving the chain *diff_dirs* (top first) at *mountpoint*; return its pid
     once the mount is live (the daemon has answered a stat of the mountpoint).
@@ -81,7 +82,7 @@ def spawn_daemon(
     their persisted index; *whiteout_format* is the store's. *index_path* is obsolete and
     ignored. With *upper_dir* and *work_dir* the view is read-write: *diff_dirs* are then its
     lower layers (possibly none) and changes land in *upper_dir* (*upper_layer_id* names it in
-    messages).
+    messages). *id_options*: the view's id mapping (``uidmapping=...``, checked by the caller).
     """
     if (upper_dir is None) != (work_dir is None):
         raise MountError("a read-write view needs both an upper and a work dir")
@@ -111,6 +112,8 @@ def spawn_daemon(
         cmd.append("--for-container")
     if debug:
         cmd.append("--debug")
+    for opt in id_options:
+        cmd += ["--id-option", opt]
     env = dict(os.environ)
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(layerfs.__file__)))
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

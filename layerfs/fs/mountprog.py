@@ -9,9 +9,11 @@ Forms accepted (as podman and mount.fuse3 pass them)::
 
 Options may come in several ``-o`` (or ``-oOPTS``) arguments; empty options (a trailing comma)
 and options fuse-overlayfs passes on to the kernel or ignores (``rw``, ``context=...``,
-``noatime`` ...) are ignored; ``dev``/``suid`` keep devices and set-id bits; ``uidmapping=`` and
-``gidmapping=`` are refused until layerfs maps ids. As root the view gets ``allow_other`` (with
-``default_permissions``), as fuse-overlayfs does.
+``noatime`` ...) are ignored; ``dev``/``suid`` keep devices and set-id bits; ``uidmapping=``,
+``gidmapping=``, ``squash_to_root``, ``squash_to_uid=`` and ``squash_to_gid=`` map ids as
+fuse-overlayfs maps them (:mod:`layerfs.fs.idmap`; a bad value is a one-line error). As root,
+also root of a user namespace (rootless podman runs this there), the view gets ``allow_other``
+(with ``default_permissions``), as fuse-overlayfs does, so that every container uid can use it.
 
 Dirs are read and checked as kernel overlayfs (``mount -t overlay``) reads and checks them:
 
@@ -44,18 +46,19 @@ from dataclasses import dataclass, field
 
 PROG = "layerfs-overlay"
 
-REFUSED = {
-    "uidmapping": "uid mappings are not supported yet (mount without --uidmap)",
-    "gidmapping": "gid mappings are not supported yet (mount without --gidmap)",
-}
+REFUSED: dict[str, str] = {}
 """Options fuse-overlayfs knows that layerfs cannot honour: refused, never silently dropped."""
+
+ID_OPTIONS = frozenset(
+    {"uidmapping", "gidmapping", "squash_to_root", "squash_to_uid", "squash_to_gid"}
+)
+"""Id mapping options, handed to :func:`layerfs.fs.idmap.from_options`."""
 
 IGNORED_VALUED = frozenset(
     {
         "timeout", "threaded", "fsync", "fast_ino", "writeback", "noxattrs", "plugins",
-        "xattr_permissions", "squash_to_root", "squash_to_uid", "squash_to_gid",
-        "static_nlink", "volatile", "noacl", "context", "fscontext", "defcontext",
-        "rootcontext", "max_read", "max_write", "subtype", "fsname",
+        "xattr_permissions", "static_nlink", "volatile", "noacl", "context", "fscontext",
+        "defcontext", "rootcontext", "max_read", "max_write", "subtype", "fsname",
     }
 )  # fmt: skip
 """fuse-overlayfs options (and kernel/SELinux ones it passes on) that change nothing here."""
@@ -81,6 +84,8 @@ class Args:
     foreground: bool = False
     debug: bool = False
     ignored: list[str] = field(default_factory=list)
+    id_options: list[str] = field(default_factory=list)
+    """The id mapping options, in order (a later one replaces an earlier of its name)."""
     replaced: list[tuple[str, str]] = field(default_factory=list)
     """(option, dir) given before a later option of the same name replaced it: the kernel
     resolves each when it reads it, so each must still be an existing dir."""
@@ -203,6 +208,8 @@ def _apply_options(a: Args, text: str) -> None:
             setattr(a, key, True)
         elif key in ("nodev", "nosuid"):
             setattr(a, key[2:], False)
+        elif key in ID_OPTIONS:
+            a.id_options.append(opt)
         else:
             a.ignored.append(opt)
 
@@ -348,6 +355,13 @@ def check(a: Args) -> Args:
     """Resolve and check the dirs; UsageError naming the first problem."""
     if not a.lowers:
         raise UsageError("no lowerdir specified")
+    if a.id_options:
+        from layerfs.fs.idmap import IdMappingError, from_options
+
+        try:
+            from_options(a.id_options)
+        except IdMappingError as e:
+            raise UsageError(str(e)) from None
     if a.upper is not None and a.work is None:
         raise UsageError("no workdir specified")
     if a.work is not None and a.upper is None:
@@ -376,6 +390,7 @@ def _serve(a: Args, ready_fd: int | None) -> int:
     import logging
 
     from layerfs.fs import daemon
+    from layerfs.fs.idmap import from_options
 
     logging.basicConfig(
         stream=sys.stderr,
@@ -391,6 +406,7 @@ def _serve(a: Args, ready_fd: int | None) -> int:
         ready_fd=ready_fd,
         upper_dir=a.upper,
         work_dir=a.work,
+        ids=from_options(a.id_options),
     )
 
 

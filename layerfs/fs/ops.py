@@ -17,6 +17,7 @@ import trio
 from layerfs.errors import describe_os_error
 from layerfs.fs.backing import BackingOpener
 from layerfs.fs.fdcache import BackingFd, FdCache
+from layerfs.fs.idmap import IdMapping
 from layerfs.fs.index import HIDDEN_XATTR_PREFIXES, UnionIndex
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,10 @@ class UnionOperations(pyfuse3.Operations):
 
     Errors: see :func:`guard_handlers`; no handler can end the daemon.
 
+    Unreadable directories (:attr:`UnionIndex.sealed`, a layer dir the index builder could
+    not list): the entry itself is answered, lookups and listings below it are EACCES, as
+    kernel overlayfs answers with its mounter's credentials.
+
     Xattrs: ``trusted.*`` names are listed and returned only to callers with CAP_SYS_ADMIN,
     as the kernel does for the layer files themselves (and so kernel overlayfs does too).
     """
@@ -220,8 +225,13 @@ class UnionOperations(pyfuse3.Operations):
         layer_ids: Sequence[str] | None = None,
         *,
         features: Pyfuse3Features | None = None,
+        ids: IdMapping | None = None,
     ) -> None:
         super().__init__()
+        self.ids = ids if ids is not None and not ids.is_identity else None
+        """The view's id mapping (:mod:`layerfs.fs.idmap`); None: ids shown as stored."""
+        self._uids: dict[int, int] = {}
+        self._gids: dict[int, int] = {}
         feats = features if features is not None else pyfuse3_features()
         if not self.kernel_caching:
             feats = Pyfuse3Features(cache_readdir=False, cache_symlinks=False, no_open=False)
@@ -232,11 +242,11 @@ class UnionOperations(pyfuse3.Operations):
         self.enable_no_opendir = feats.no_open
         self.index = index
         n = len(index.diff_dirs)
-        ids = list(layer_ids) if layer_ids else []
-        if ids and len(ids) != n:
-            raise ValueError(f"{len(ids)} layer ids for {n} layers")
+        lids = list(layer_ids) if layer_ids else []
+        if lids and len(lids) != n:
+            raise ValueError(f"{len(lids)} layer ids for {n} layers")
         self.layer_ids: list[bytes] = [
-            os.fsencode(ids[i]) if ids else index.diff_dirs[i] for i in range(n)
+            os.fsencode(lids[i]) if lids else index.diff_dirs[i] for i in range(n)
         ]
         self.fds = FdCache()
         self.lookups: dict[int, int] = {}
@@ -311,8 +321,12 @@ class UnionOperations(pyfuse3.Operations):
         ea.attr_timeout = TIMEOUT
         ea.st_mode = idx.mode[row]
         ea.st_nlink = idx.nlink[row]
-        ea.st_uid = idx.uid[row]
-        ea.st_gid = idx.gid[row]
+        if self.ids is None:
+            ea.st_uid = idx.uid[row]
+            ea.st_gid = idx.gid[row]
+        else:
+            ea.st_uid = self._shown(self._uids, self.ids.shown_uid, idx.uid[row])
+            ea.st_gid = self._shown(self._gids, self.ids.shown_gid, idx.gid[row])
         ea.st_rdev = idx.rdev[row]
         ea.st_size = idx.size[row]
         ea.st_blocks = idx.blocks[row]
@@ -321,6 +335,17 @@ class UnionOperations(pyfuse3.Operations):
         ea.st_mtime_ns = idx.mtime[row]
         ea.st_ctime_ns = idx.ctime[row]
         return ea
+
+    @staticmethod
+    def _shown(memo: dict[int, int], fn: Callable[[int], int], stored: int) -> int:
+        """*fn(stored)*, remembered: a tree has few distinct ids, and a walk asks for them
+        once per entry (bounded, so a hostile layer cannot grow it without end)."""
+        shown = memo.get(stored)
+        if shown is None:
+            shown = fn(stored)
+            if len(memo) < 1 << 16:
+                memo[stored] = shown
+        return shown
 
     def _count(self, ino: int) -> None:
         self.lookups[ino] = self.lookups.get(ino, 0) + 1
@@ -334,6 +359,8 @@ class UnionOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if parent_inode in self.index.sealed and name not in (b".", b".."):
+            raise pyfuse3.FUSEError(errno.EACCES)
         ino = self.index.lookup(parent_inode, name)
         if ino is None:
             return self._negative
@@ -367,6 +394,8 @@ class UnionOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if not stat.S_ISDIR(self.index.mode[row]):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if inode in self.index.sealed:
+            raise pyfuse3.FUSEError(errno.EACCES)
         if self.features.cache_readdir:
             return pyfuse3.FileInfo(fh=inode, keep_cache=True, cache_readdir=True)
         return inode
@@ -374,6 +403,8 @@ class UnionOperations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # offsets: 0 ".", 1 "..", 2 + i the i-th child in name order; next_id = offset + 1
         idx = self.index
+        if fh in idx.sealed:
+            raise pyfuse3.FUSEError(errno.EACCES)
         if start_id < 2:
             row = idx.row_of(fh)
             if row is None:

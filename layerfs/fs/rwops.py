@@ -63,6 +63,7 @@ import pyfuse3
 import trio
 
 from layerfs.fs.backing import BackingOpener
+from layerfs.fs.idmap import IdMapping
 from layerfs.fs.index import ROOT_INO, UnionIndex
 from layerfs.fs.ops import caller_has_sys_admin, guard_handlers, statfs_reply
 from layerfs.fs.upper import (
@@ -206,8 +207,12 @@ class RWOperations(pyfuse3.Operations):
         upper: Upper,
         layer_ids: Sequence[str] | None = None,
         upper_layer_id: str | None = None,
+        ids: IdMapping | None = None,
     ) -> None:
         super().__init__()
+        self.ids = ids or IdMapping()
+        """The view's id mapping (:mod:`layerfs.fs.idmap`): ids shown are mapped from disk,
+        ids written (new entries, chown) are mapped back."""
         self.lower = lower
         self.up = upper
         self.fmt: WhiteoutFormat = upper.fmt
@@ -266,8 +271,8 @@ class RWOperations(pyfuse3.Operations):
         ea.attr_timeout = TIMEOUT
         ea.st_mode = st.st_mode
         ea.st_nlink = 1 if merged else st.st_nlink
-        ea.st_uid = st.st_uid
-        ea.st_gid = st.st_gid
+        ea.st_uid = self.ids.shown_uid(st.st_uid)
+        ea.st_gid = self.ids.shown_gid(st.st_gid)
         ea.st_rdev = st.st_rdev
         ea.st_size = st.st_size
         ea.st_blocks = st.st_blocks
@@ -287,8 +292,8 @@ class RWOperations(pyfuse3.Operations):
         ea.attr_timeout = TIMEOUT
         ea.st_mode = a.mode
         ea.st_nlink = a.nlink
-        ea.st_uid = a.uid
-        ea.st_gid = a.gid
+        ea.st_uid = self.ids.shown_uid(a.uid)
+        ea.st_gid = self.ids.shown_gid(a.gid)
         ea.st_rdev = a.rdev
         ea.st_size = a.size
         ea.st_blocks = a.blocks
@@ -356,6 +361,8 @@ class RWOperations(pyfuse3.Operations):
     def _child_lower(self, pnode: Node, name: bytes) -> int | None:
         if pnode.lower is None or self.lower is None:
             return None
+        if pnode.lower in self.lower.sealed:
+            raise _err(errno.EACCES)  # a lower dir the index could not read: as the kernel
         return self.lower.lookup(pnode.lower, name)
 
     def _lower_is_dir(self, lino: int | None) -> bool:
@@ -502,6 +509,8 @@ class RWOperations(pyfuse3.Operations):
         entries, wh = self.up.listdir(rel)
         names = set(entries)
         if node.lower is not None and self.lower is not None:
+            if node.lower in self.lower.sealed:
+                raise _err(errno.EACCES)
             for name, _ in self.lower.children(node.lower):
                 if name not in wh and name not in names:
                     names.add(name)
@@ -799,10 +808,23 @@ class RWOperations(pyfuse3.Operations):
     ) -> tuple[int, int, int]:
         """(uid, gid, extra mode bits) of a new entry in the upper dir whose lstat is *pst*:
         the caller's fsuid and fsgid, the parent's group and S_ISGID for dirs below a
-        set-gid dir."""
+        set-gid dir. Ids on disk: the caller's mapped back through the view's id mapping."""
+        uid = self.ids.stored_uid(ctx.uid)
         if pst.st_mode & stat.S_ISGID:
-            return ctx.uid, pst.st_gid, stat.S_ISGID if is_dir else 0
-        return ctx.uid, ctx.gid, 0
+            return uid, pst.st_gid, stat.S_ISGID if is_dir else 0
+        return uid, self.ids.stored_gid(ctx.gid), 0
+
+    def _chown(self, target: bytes | int, uid: int, gid: int) -> None:
+        """chown (not following symlinks) with ids already on the disk side; with a squash
+        option a failure is ignored, as fuse-overlayfs ignores it."""
+        try:
+            if isinstance(target, int):
+                os.fchown(target, uid, gid)
+            else:
+                os.chown(target, uid, gid, follow_symlinks=False)
+        except OSError:
+            if not self.ids.squashes:
+                raise
 
     async def _prepare_parent(self, pnode: Node, prel: bytes) -> os.stat_result:
         """Make the upper dir *prel* exist (copy-up of its lower dirs); returns its lstat."""
@@ -824,7 +846,7 @@ class RWOperations(pyfuse3.Operations):
     def _finish_new(
         self, path: bytes, uid: int, gid: int, mode: int, symlink: bool = False
     ) -> None:
-        os.chown(path, uid, gid, follow_symlinks=False)
+        self._chown(path, uid, gid)
         if not symlink:
             os.chmod(path, mode)
 
@@ -1097,12 +1119,9 @@ class RWOperations(pyfuse3.Operations):
                 rel = await self._copy_up(node, with_data=not truncating)
                 target = self.up.path(rel)
             if fields.update_uid or fields.update_gid:
-                uid = attr.st_uid if fields.update_uid else -1
-                gid = attr.st_gid if fields.update_gid else -1
-                if isinstance(target, int):
-                    os.fchown(target, uid, gid)
-                else:
-                    os.chown(target, uid, gid, follow_symlinks=False)
+                uid = self.ids.stored_uid(attr.st_uid) if fields.update_uid else -1
+                gid = self.ids.stored_gid(attr.st_gid) if fields.update_gid else -1
+                self._chown(target, uid, gid)
             if fields.update_mode:
                 st = os.stat(target) if isinstance(target, int) else os.lstat(target)
                 if stat.S_ISLNK(st.st_mode):
@@ -1330,6 +1349,7 @@ def open_rw_operations(
     whiteout_format: str = "kernel",
     layer_ids: Sequence[str] | None = None,
     upper_layer_id: str | None = None,
+    ids: IdMapping | None = None,
 ) -> RWOperations:
     """The Operations of a read-write view; cleans the work dir's leftovers first (a crash's
     temporary entries). The daemon's umask is cleared: new entries get exactly the mode the
@@ -1342,4 +1362,4 @@ def open_rw_operations(
     if n:
         log.info("removed %d leftover entries from %s", n, os.fsdecode(up.work))
     os.umask(0)
-    return RWOperations(lower, up, layer_ids, upper_layer_id)
+    return RWOperations(lower, up, layer_ids, upper_layer_id, ids)

@@ -92,6 +92,9 @@ class DaemonRecord:
     #: The daemon's mount namespace (``mnt:[N]``, :func:`layerfs.userns.namespace_id`); ""
     #: in records written before layerfs knew namespaces. A view is only visible there.
     mnt_ns: str = ""
+    id_options: tuple[str, ...] = ()
+    """The view's id mapping options (``uidmapping=...``, :mod:`layerfs.fs.idmap`); a view
+    is shared only with a request for the same ones."""
 
     def options(self) -> str:
         """The live options as a person reads them."""
@@ -99,6 +102,7 @@ class DaemonRecord:
         opts.append("suid,dev (for a container)" if self.for_container else "nosuid,nodev")
         if self.allow_other:
             opts.append("allow_other")
+        opts += self.id_options
         return ", ".join(opts)
 
 
@@ -116,6 +120,9 @@ def read_daemon(runroot: str, layer_id: str) -> DaemonRecord | None:
     started = raw.get("started", 0)
     keys = ("for_container", "allow_other", "go_visible", "read_write")
     flags = [raw.get(k, k == "go_visible") for k in keys]
+    id_options = raw.get("id_options", [])
+    if not isinstance(id_options, list) or not all(isinstance(o, str) for o in id_options):
+        return None
     if (
         not _is_int(pid)
         or not 0 <= pid <= _PID_MAX
@@ -143,6 +150,7 @@ def read_daemon(runroot: str, layer_id: str) -> DaemonRecord | None:
         count=count,
         started=float(started),
         mnt_ns=raw.get("mnt_ns", ""),
+        id_options=tuple(id_options),
     )
 
 
@@ -168,6 +176,8 @@ def write_daemon(runroot: str, record: DaemonRecord) -> None:
         "started": record.started,
         "mnt_ns": record.mnt_ns,
     }
+    if record.id_options:
+        data["id_options"] = list(record.id_options)
     atomic_write(path, json.dumps(data).encode(), durable=False)
 
 

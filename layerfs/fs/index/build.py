@@ -19,6 +19,18 @@ absolute or relative ``upperdir``) leaves ``work/work`` behind, and such a mount
 file below ``diff/`` without touching the key: fuse-overlayfs creates ``work/work`` only once,
 and a mount that was live while the key was taken changes nothing afterwards. A layer never
 mounted read-write has an empty ``work/`` (or none).
+
+**Ids and namespaces**: the ids in an index are those ``lstat`` gave the process that built
+it, i.e. seen through its user namespace's id maps. The key of a layer built inside a user
+namespace therefore includes the digests of its uid and gid maps (:meth:`IdMap.key`), so a
+process in another namespace (or on the host) never reads owners taken from a namespace that
+is not its own: it rebuilds the index (and saves its own).
+
+**Unreadable directories**: a directory the building process may not list and search
+(``faccessat(R_OK|X_OK)`` with effective ids, or EACCES from the listing itself) is indexed
+with its own attributes and :data:`~layerfs.fs.index.format.F_SEALED`, no children; the view
+answers EACCES below it, as kernel overlayfs does with its mounter's credentials, instead of
+failing the whole mount. Such an index depends on who built it and is never saved.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from dataclasses import dataclass
 
 from layerfs.errors import LayerfsError
 from layerfs.fs.index.format import (
+    F_SEALED,
     Entry,
     IndexFormatError,
     LayerIndex,
@@ -52,6 +65,7 @@ from layerfs.overlayfmt import (
     TRUSTED_REDIRECT,
     TRUSTED_WHITEOUT,
 )
+from layerfs.userns import read_id_map
 
 log = logging.getLogger("layerfs.fs.index")
 
@@ -76,11 +90,15 @@ class LayerPin:
     index_path: str | None = None
 
 
-def _read_xattrs(path: bytes) -> tuple[int, bytes | None, tuple[tuple[bytes, bytes], ...]]:
+def _read_xattrs(
+    path: bytes, sealed: bool = False
+) -> tuple[int, bytes | None, tuple[tuple[bytes, bytes], ...]]:
     """(marker flags, redirect value, other xattrs) of *path* (not followed).
 
     Raises LayerReadError naming the path when an xattr cannot be read (other than "not
-    supported"/"vanished"): a marker read as absent could expose hidden entries."""
+    supported"/"vanished"): a marker read as absent could expose hidden entries. Of a
+    *sealed* directory (nothing below it is answered) an xattr it may not read (``user.*``
+    needs read permission) is left out."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as e:
@@ -98,6 +116,8 @@ def _read_xattrs(path: bytes) -> tuple[int, bytes | None, tuple[tuple[bytes, byt
             value = os.getxattr(path, nb, follow_symlinks=False)
         except OSError as e:
             if e.errno in (errno.ENODATA, errno.ENOTSUP):
+                continue
+            if sealed and e.errno == errno.EACCES:
                 continue
             raise LayerReadError(
                 f"cannot read xattr {os.fsdecode(nb)} of {os.fsdecode(path)}: "
@@ -120,13 +140,18 @@ def _read_xattrs(path: bytes) -> tuple[int, bytes | None, tuple[tuple[bytes, byt
 def walk_diff(diff_dir: str | bytes) -> Iterator[Entry]:
     """Every entry of a ``diff/`` tree, the root first; nothing is interpreted (whiteouts and
     markers are reported like any file, with their marker flags). Symlinks are not followed;
-    entries on another device than the layer root (below a mount point) get F_OTHER_DEV.
-    Raises LayerReadError naming the path when something cannot be read."""
+    entries on another device than the layer root (below a mount point) get F_OTHER_DEV; a
+    directory this process may not list and search gets F_SEALED and no children (see the
+    module docstring). Raises LayerReadError naming the path when something else cannot be
+    read."""
     root = os.path.abspath(os.fsencode(diff_dir))
     try:
         root_dev = os.lstat(root).st_dev
     except OSError as e:
         raise LayerReadError(f"cannot read layer {os.fsdecode(root)}: {e.strerror}") from None
+    # real root on the host may list everything (no access call per directory); anyone else
+    # asks the kernel first, so that a directory listable but not searchable is sealed too
+    check_access = os.geteuid() != 0 or not read_id_map("uid").is_identity()
     stack: list[bytes] = [b""]
     while stack:
         rel = stack.pop()
@@ -136,18 +161,30 @@ def walk_diff(diff_dir: str | bytes) -> Iterator[Entry]:
             link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
         except OSError as e:
             raise LayerReadError(f"cannot read {os.fsdecode(path)}: {e.strerror}") from None
-        flags, redirect, xattrs = _read_xattrs(path)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        sealed = False
+        if is_dir:
+            if check_access and not os.access(
+                path, os.R_OK | os.X_OK, effective_ids=True, follow_symlinks=False
+            ):
+                sealed = True
+            else:
+                try:
+                    with os.scandir(path) as it:
+                        stack += [rel + b"/" + e.name if rel else e.name for e in it]
+                except PermissionError:
+                    sealed = True
+                except OSError as e:
+                    raise LayerReadError(f"cannot list {os.fsdecode(path)}: {e.strerror}") from None
+        flags, redirect, xattrs = _read_xattrs(path, sealed)
+        if sealed:
+            flags |= F_SEALED
         if st.st_dev != root_dev:
             flags |= F_OTHER_DEV
-        if stat.S_ISDIR(st.st_mode):
+        if is_dir:
             if redirect:
                 flags |= F_REDIRECT
                 link = redirect
-            try:
-                with os.scandir(path) as it:
-                    stack += [rel + b"/" + e.name if rel else e.name for e in it]
-            except OSError as e:
-                raise LayerReadError(f"cannot list {os.fsdecode(path)}: {e.strerror}") from None
         else:
             redirect = None
         yield Entry(
@@ -187,6 +224,9 @@ def layer_key(diff_dir: str | bytes, pin: LayerPin | None) -> bytes:
         "diff": [st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns],
         "work": _ident(os.path.join(os.path.dirname(d), b"work")),
     }
+    uids, gids = read_id_map("uid"), read_id_map("gid")
+    if not (uids.is_identity() and gids.is_identity()):
+        parts["ids"] = [uids.key(), gids.key()]  # owners as this user namespace sees them
     if pin is not None:
         parts["id"] = pin.layer_id
         parts["digest"] = pin.digest
@@ -214,9 +254,32 @@ def upper_dirs_in_use() -> set[bytes]:
         return set()
 
 
+def _noting_sealed(entries: Iterator[Entry], sealed: list[bytes]) -> Iterator[Entry]:
+    for e in entries:
+        if e.flags & F_SEALED:
+            sealed.append(e.path)
+        yield e
+
+
+def _report_sealed(diff_dir: bytes, sealed: list[bytes]) -> None:
+    if sealed:
+        shown = ", ".join("/" + os.fsdecode(p) for p in sealed[:5])
+        more = f" and {len(sealed) - 5} more" if len(sealed) > 5 else ""
+        log.warning(
+            "layer %s: %d directories cannot be read (EACCES below them): %s%s",
+            os.fsdecode(diff_dir),
+            len(sealed),
+            shown,
+            more,
+        )
+
+
 def scan_layer(diff_dir: str | bytes) -> LayerIndex:
     """A fresh index of *diff_dir*, in memory (never persisted)."""
-    return decode(encode(walk_diff(diff_dir), b""), b"")
+    sealed: list[bytes] = []
+    data = encode(_noting_sealed(walk_diff(diff_dir), sealed), b"")
+    _report_sealed(os.fsencode(diff_dir), sealed)
+    return decode(data, b"")
 
 
 def layer_index(
@@ -250,10 +313,12 @@ def layer_index(
         pass
     except (OSError, IndexFormatError) as e:
         log.warning("ignoring index %s (%s); rebuilding", os.fsdecode(path), e)
-    data = encode(walk_diff(d), key)
+    sealed: list[bytes] = []
+    data = encode(_noting_sealed(walk_diff(d), sealed), key)
+    _report_sealed(d, sealed)
     with contextlib.suppress(OSError):
         os.unlink(path)  # whatever it was (a symlink, a damaged file): not ours to keep
-    if layer_key(d, pin) == key:  # unchanged while we walked: safe to keep
+    if not sealed and layer_key(d, pin) == key:  # complete and unchanged while we walked
         try:
             write_file(path, data)
         except OSError as e:

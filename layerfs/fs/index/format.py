@@ -12,6 +12,10 @@ memory-mapped and used in place::
     strings  names, link/redirect targets, xattr names and values
     digest   BLAKE2b-256 of every byte before it
 
+``flags`` holds the ``F_*`` marker facts of :mod:`layerfs.overlayfmt` and one fact of this
+format, :data:`F_SEALED`: a directory the producer could not list (its children are unknown;
+it has none in the file). Version 2 added it; a version 1 file is refused (rebuilt).
+
 Rows are the tree in breadth-first order: row 0 is the layer root, the children of a directory
 are contiguous and strictly sorted by name (bytes order), ``first[r]`` is ``1 + sum(count[:r])``
 for every row, and names are stored one after the other in row order. :func:`decode` checks all
@@ -40,7 +44,7 @@ from layerfs.errors import LayerfsError
 from layerfs.overlayfmt import F_REDIRECT, KNOWN_FLAGS
 
 MAGIC = b"LFSLIDX1"
-VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct("<8sIIQQQQ16x")
 HEADER_SIZE = _HEADER.size  # 64
 DIGEST_SIZE = 32
@@ -79,6 +83,12 @@ XATTR_COLUMNS: tuple[tuple[str, str], ...] = (
     ("xname_len", "I"),
     ("xval_len", "I"),
 )
+F_SEALED = 1 << 31
+"""A directory that could not be listed (EACCES) when the index was built: the view lists it
+with its own attributes and answers EACCES below it, as kernel overlayfs does. Set only on
+directories, which then have no children in the index."""
+ALLOWED_FLAGS = KNOWN_FLAGS | F_SEALED
+
 _NS = 1_000_000_000
 _FILE_TYPES = frozenset(
     {
@@ -273,6 +283,8 @@ class LayerIndex:
         self.xname_len = cols["xname_len"]
         self.xval_off = cols["xval_off"]
         self.xval_len = cols["xval_len"]
+        self.has_sealed = bool(rows) and max(self.flags) >= F_SEALED
+        """Some directory of this layer is :data:`F_SEALED`."""
 
     def name(self, row: int) -> bytes:
         o = self.name_off[row]
@@ -370,8 +382,15 @@ def _check(
         raise _bad("root is not a directory")
     if any(stat.S_IFMT(m) != stat.S_IFDIR for m in itertools.compress(mode, count)):
         raise _bad("a non-directory has children")
-    if max(c["flags"]) & ~KNOWN_FLAGS:
+    flags_max = max(c["flags"])
+    if flags_max & ~ALLOWED_FLAGS or (
+        flags_max >= F_SEALED and any(f & ~ALLOWED_FLAGS for f in c["flags"])
+    ):
         raise _bad("unknown flags")
+    if flags_max >= F_SEALED:
+        for r in itertools.compress(range(rows), (f & F_SEALED for f in c["flags"])):
+            if stat.S_IFMT(mode[r]) != stat.S_IFDIR or count[r]:
+                raise _bad("a sealed entry that is not an empty directory")
     for t in ("atime_ns", "mtime_ns", "ctime_ns"):
         if max(c[t]) >= _NS:
             raise _bad("nanoseconds out of range")

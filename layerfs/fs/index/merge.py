@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from layerfs.fs.index.format import LayerIndex
+from layerfs.fs.index.format import F_SEALED, LayerIndex
 from layerfs.overlayfmt import (
     F_OTHER_DEV,
     F_REDIRECT,
@@ -326,8 +326,12 @@ class UnionIndex:
         count: array[int],
         ino: array[int],
         merged: array[int],
+        sealed: frozenset[int] = frozenset(),
     ) -> None:
         self.diff_dirs = tuple(diff_dirs)
+        self.sealed = sealed
+        """Inode numbers of the directories some layer of whose stack could not be read
+        (:data:`~layerfs.fs.index.format.F_SEALED`): EACCES below them."""
         self.layers = tuple(layers)
         self.whiteout_format = fmt
         self.layer = layer
@@ -547,8 +551,12 @@ def merge(
                 break
     queue.append((0, root_stack))
     M[0] = 1 if len(root_stack) > 1 else 0
+    any_sealed = any(li.has_sealed for li in layers)
+    sealed: list[int] = []
     while queue:
         urow, stack = queue.popleft()
+        if any_sealed and any(layers[la].flags[r] & F_SEALED for la, r in stack):
+            sealed.append(urow)
         # name -> (layer, row) of the deciding entry; None for a whiteout
         if len(stack) == 1:
             layer, drow = stack[0]
@@ -648,7 +656,9 @@ def merge(
                 queue.append((row, sub))
             else:
                 M.append(0)
-    return UnionIndex(diff_dirs, layers, fmt, L, R, P, F, C, INO, M)
+    return UnionIndex(
+        diff_dirs, layers, fmt, L, R, P, F, C, INO, M, frozenset(INO[r] for r in sealed)
+    )
 
 
 def explain(layers: Sequence[LayerIndex], fmt: WhiteoutFormat, path: str | bytes) -> Provenance:
