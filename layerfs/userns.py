@@ -80,8 +80,12 @@ class IdMap:
                     raise ValueError(f"id map ranges overlap on the {side} side")
 
     def is_identity(self) -> bool:
-        """True for the initial namespace's map (or any map that changes no id)."""
-        return bool(self.ranges) and all(r.inside == r.outside for r in self.ranges)
+        """True for the initial namespace's map: every id maps to itself. A map that changes
+        no id but leaves some unmapped (``unshare -r`` as root: ``0 0 1``) is a user
+        namespace: there ``trusted.*`` cannot be set and unmapped owners show as 65534."""
+        if not self.ranges or any(r.inside != r.outside for r in self.ranges):
+            return False
+        return sum(r.count for r in self.ranges) >= 0xFFFFFFFF
 
     def to_outside(self, ident: int) -> int | None:
         """The outside id of ``ident`` seen inside, or None when it is not mapped."""

@@ -4,6 +4,8 @@ real unprivileged user (the ``rootless_user`` fixture) and from its user namespa
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,15 @@ def test_subid_ranges_and_podmans_map(tmp_path: Path) -> None:
     m = userns.rootless_map(1000, ranges)
     assert m.render() == "0 1000 1\n1 100000 65536\n65537 300000 5\n"
     assert m.to_outside(65537) == 300000
+
+
+def test_partial_identity_map_is_a_user_namespace() -> None:
+    """``unshare -r`` as root maps 0 to 0 and nothing else: no id changes, but it is a user
+    namespace (trusted.* refused, other ids unmapped), so layerfs must treat it as one."""
+    assert not userns.IdMap.parse("0 0 1\n").is_identity()
+    assert userns.IdMap.parse("0 0 4294967295\n").is_identity()
+    code = "from layerfs import userns; print(userns.in_user_namespace(), userns.is_rootless())"
+    r = subprocess.run(
+        ["unshare", "-Ur", sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert r.stdout.split() == ["True", "True"]
