@@ -158,17 +158,6 @@ def test_fusermount3_refusal_is_the_message(world: Path) -> None:
     assert "fuse_session_mount" not in line and str(mp) in line
 
 
-def test_unreadable_layer_dir_is_named(world: Path) -> None:
-    layer = Layer(world / "layer").file("open/f", b"f").file("closed/secret", b"s").finish()
-    os.chmod(layer / "closed", 0o700)  # root's: nobody cannot list it
-    (world / "mnt").mkdir()
-    os.chown(world / "mnt", 65534, 65534)
-    result = _daemon(world / "mnt", [str(layer)], setup=_fuse_node(world, "666"), nobody=True)
-    assert (
-        _error(result) == f"cannot index the layers: cannot list {layer}/closed: Permission denied"
-    )
-
-
 def test_missing_layer_dir_is_named(world: Path) -> None:
     (world / "mnt").mkdir()
     gone = world / "gone"
