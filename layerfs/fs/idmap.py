@@ -92,19 +92,20 @@ class _Axis:
     def shown(self, stored: int) -> int:
         if self.squash is not None:
             return self.squash
-        if not self.ranges:
-            return stored
-        for r in self.ranges:
-            if r.stored <= stored < r.stored + r.count:
-                return r.shown + (stored - r.stored)
-        return OVERFLOW_ID
+        return self._translate(stored, to_shown=True)
 
     def stored(self, shown: int) -> int:
+        return self._translate(shown, to_shown=False)
+
+    def _translate(self, ident: int, *, to_shown: bool) -> int:
+        """*ident* through the ranges (stored to shown, or back); unchanged without ranges,
+        :data:`OVERFLOW_ID` when no range holds it."""
         if not self.ranges:
-            return shown
+            return ident
         for r in self.ranges:
-            if r.shown <= shown < r.shown + r.count:
-                return r.stored + (shown - r.shown)
+            start, target = (r.stored, r.shown) if to_shown else (r.shown, r.stored)
+            if start <= ident < start + r.count:
+                return target + (ident - start)
         return OVERFLOW_ID
 
 
